@@ -1,0 +1,328 @@
+"""autograd.py -- the hand-written backpropagation engine of roa.
+
+Every function implements numbered equations of A. Ceni, "Random orthogonal
+additive filters" (arXiv:2210.01245), as restated in MATH.md:
+eqs (1)-(10) for the multilayer perceptron, (7') for the random orthogonal
+additive (roa) layer, and MATH.md section 3 for the roaRNN.
+
+Conventions (those of CS231n's layers.py):
+- a batch is a stack of rows: x has shape (B, N) and `x @ W.T` is `W x` for
+  every sample;
+- a forward function returns (out, cache); its backward takes (dout, cache)
+  and returns the gradients, `dout` being dL/dout of the batch objective;
+- the same code runs on NumPy or CuPy arrays: `xp` is the module that owns
+  the arrays it is given (CuPy's idiom), and `array_module` is the one
+  place where a device name becomes a module.
+"""
+
+from typing import Callable, NamedTuple
+
+import numpy
+
+try:
+    import cupy
+except ImportError:
+    cupy = None
+
+
+class RoaError(ValueError):
+    """A user mistake, with a message naming the bad value and what is allowed."""
+
+
+# --------------------------------------------------------------- arrays
+
+def array_module(device):
+    """The one array-module switch: numpy for 'cpu', cupy for 'gpu'."""
+    if device == "cpu":
+        return numpy
+    if device != "gpu":
+        raise RoaError(f"device must be 'cpu' or 'gpu', got {device!r}")
+    if cupy is None:
+        raise RoaError("device 'gpu' needs CuPy, which is not installed "
+                       "(pip install -r requirements-gpu.txt), or use device 'cpu'")
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except cupy.cuda.runtime.CUDARuntimeError as err:
+        raise RoaError(f"device 'gpu': CuPy finds no usable GPU ({err}); use device 'cpu'") from None
+    if count == 0:
+        raise RoaError("device 'gpu': CuPy finds no GPU; use device 'cpu'")
+    return cupy
+
+
+def get_array_module(a):
+    """numpy for a NumPy array, cupy for a CuPy array."""
+    return numpy if cupy is None else cupy.get_array_module(a)
+
+
+def to_numpy(a):
+    """A NumPy copy of a NumPy or CuPy array (for saving and printing)."""
+    return a.get() if hasattr(a, "get") else numpy.asarray(a)
+
+
+# ---------------------------------------------------------- activations
+
+class Activation(NamedTuple):
+    phi: Callable    # y -> phi(y), element-wise                    (eq 2)
+    dphi: Callable   # (y, phi(y)) -> phi'(y), element-wise          (eq 4)
+    gamma: float     # sup |phi'|, used by the bounds of MATH.md section 4
+
+
+def _tanh(y):
+    return get_array_module(y).tanh(y)
+
+
+def _relu(y):
+    return get_array_module(y).maximum(y, 0)
+
+
+def _sigmoid(y):
+    return 0.5 * (1 + get_array_module(y).tanh(0.5 * y))   # 1 / (1 + e^-y), without overflow
+
+
+ACTIVATIONS = {
+    "tanh": Activation(_tanh, lambda y, a: 1 - a * a, 1.0),
+    "relu": Activation(_relu, lambda y, a: (y > 0).astype(y.dtype), 1.0),
+    "sigmoid": Activation(_sigmoid, lambda y, a: a * (1 - a), 0.25),
+}
+
+
+def activation(name):
+    """The Activation called `name`, or a clear error."""
+    if name not in ACTIVATIONS:
+        raise RoaError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]
+
+
+# --------------------------------------------------- random orthogonal O
+
+def random_orthogonal(rng, n, count):
+    """`count` Haar-distributed n x n orthogonal matrices, shape (count, n, n).
+
+    Mezzadri (2007): QR-factorise a matrix of i.i.d. standard normals,
+    A = QR, and return Q diag(sign(diag(R))). Without the sign correction
+    the distribution is not uniform. Drawn on the CPU from the NumPy
+    Generator `rng`, so a seed gives the same matrices on every backend.
+    """
+    Q, R = numpy.linalg.qr(rng.standard_normal((count, n, n)))
+    return Q * numpy.sign(numpy.diagonal(R, axis1=1, axis2=2))[:, None, :]
+
+
+# --------------------------------------------------------------- layers
+
+def linear_forward(x, W, b):
+    """Eq (1), y = W x + b, for every row of x (any leading shape).
+
+    Used for the input projection and the readout.
+    """
+    return x @ W.T + b, (x, W)
+
+
+def linear_backward(dy, cache):
+    """Gradients of eq (1): dx = W^T dy, dW = dy x^T (eq 3), db = dy,
+    the last two summed over every row."""
+    x, W = cache
+    dy_rows = dy.reshape(-1, dy.shape[-1])
+    dW = dy_rows.T @ x.reshape(-1, x.shape[-1])
+    return dy @ W, dW, dy_rows.sum(axis=0)
+
+
+def roa_forward(x, O, W, b, alpha, beta, act):
+    """L random orthogonal additive layers (MATH.md section 2):
+
+        x_{l+1} = alpha O_l x_l + beta phi(W_l x_l + b_l),   l = 0 .. L-1.
+
+    x: (B, N) is x_0; O and W: (L, N, N); b: (L, N). With alpha = 0 and
+    beta = 1 this is the plain multilayer perceptron, eqs (1)-(2).
+    Returns x_L and a cache holding every x_l and every d_l = phi'(y_l).
+    """
+    xp = get_array_module(x)
+    L = W.shape[0]
+    xs = xp.empty((L + 1,) + x.shape, x.dtype)
+    ds = xp.empty((L,) + x.shape, x.dtype)
+    xs[0] = x
+    for l in range(L):
+        y = xs[l] @ W[l].T + b[l]                          # eq (1)
+        a = act.phi(y)                                     # eq (2)
+        ds[l] = act.dphi(y, a)                             # eq (4)
+        xs[l + 1] = alpha * (xs[l] @ O[l].T) + beta * a    # the roa layer
+    return xs[L], (xs, ds, O, W, alpha, beta)
+
+
+def roa_backward(delta, cache):
+    """Backpropagation through roa_forward.
+
+    delta: dL/dx_L, shape (B, N) (the error vector E, eq 3, or what the
+    readout sends down). The loop carries delta_l = J_l^T delta_{l+1} down
+    the layers (eqs 5-6) with the roa layer Jacobian (7')
+
+        J_l = d x_{l+1} / d x_l = alpha O_l + beta diag(d_l) W_l,
+
+    and keeps beta d_l * delta_{l+1} for every layer, from which all
+    weight gradients are read off afterwards in one batched product (eq 3).
+    Returns dL/dx_0 (B, N), dL/dW (L, N, N), dL/db (L, N).
+    """
+    xs, ds, O, W, alpha, beta = cache
+    xp = get_array_module(delta)
+    L = W.shape[0]
+    dy = xp.empty_like(ds)
+    for l in reversed(range(L)):
+        dy[l] = beta * ds[l] * delta                       # beta diag(d_l) delta_{l+1}
+        delta = alpha * (delta @ O[l]) + dy[l] @ W[l]      # eq (7'): delta_l = J_l^T delta_{l+1}
+    dW = dy.transpose(0, 2, 1) @ xs[:L]                    # eq (3): beta (d_l * delta_{l+1}) x_l^T
+    db = dy.sum(axis=1)                                    # eq (3) without the outer product
+    return delta, dW, db
+
+
+def roa_jacobian(x, O, W, b, alpha, beta, act):
+    """The input-output Jacobian d x_L / d x_0 (N, N) of roa_forward at one
+    input x (N,), computed by roa_backward itself: with x repeated N times
+    and delta = I, row i of the returned dL/dx_0 is J^T e_i, row i of J."""
+    xp = get_array_module(x)
+    n = x.shape[0]
+    _, cache = roa_forward(xp.tile(x, (n, 1)), O, W, b, alpha, beta, act)
+    J, _, _ = roa_backward(xp.eye(n, dtype=x.dtype), cache)
+    return J
+
+
+def rnn_forward(u, h0, O, W, U, b, alpha, beta, act):
+    """The roaRNN (MATH.md section 3), time-major:
+
+        h_t = alpha O h_{t-1} + beta phi(W h_{t-1} + U u_t + b),  t = 1 .. T.
+
+    u: (T, B, n_in); h0: (B, N). With alpha = 0 and beta = 1 this is the
+    vanilla Elman RNN. Returns h_1 .. h_T as (T, B, N) and the cache.
+    """
+    xp = get_array_module(u)
+    T = u.shape[0]
+    Uu_b = u @ U.T + b                     # U u_t + b for every t: one product before the loop
+    hs = xp.empty((T + 1,) + h0.shape, u.dtype)
+    ds = xp.empty((T,) + h0.shape, u.dtype)
+    hs[0] = h0
+    for t in range(1, T + 1):              # hs[t] = h_t; ds[t-1] = phi'(a_t)
+        a = hs[t - 1] @ W.T + Uu_b[t - 1]                  # a_t = W h_{t-1} + U u_t + b
+        z = act.phi(a)
+        ds[t - 1] = act.dphi(a, z)
+        hs[t] = alpha * (hs[t - 1] @ O.T) + beta * z
+    return hs[1:], (u, hs, ds, O, W, alpha, beta)
+
+
+def rnn_backward(dhs, cache):
+    """Backpropagation through time for rnn_forward (MATH.md section 3).
+
+    dhs: (T, B, N), the gradient that the loss sends into each h_t directly
+    (zero at the steps that have no output). With g_t the total gradient
+    reaching h_t, the loop runs t = T .. 1:
+
+        dz_t     = beta g_t * phi'(a_t)
+        g_{t-1}  = dhs_{t-1} + alpha O^T g_t + W^T dz_t
+
+    and the weight gradients are one matrix product each over all
+    (t, batch) pairs afterwards. Returns dL/dh_0, dW, dU, db.
+    """
+    u, hs, ds, O, W, alpha, beta = cache
+    xp = get_array_module(dhs)
+    T, B, N = ds.shape
+    dz = xp.empty_like(ds)
+    g = xp.zeros_like(hs[0])
+    for t in range(T, 0, -1):
+        g = g + dhs[t - 1]                                 # g_t: from the future and from the loss at t
+        dz[t - 1] = beta * g * ds[t - 1]                   # dz_t = beta g_t * phi'(a_t)
+        g = alpha * (g @ O) + dz[t - 1] @ W                # the part of g_{t-1} coming from h_t
+    dz_rows = dz.reshape(T * B, N)
+    dW = dz_rows.T @ hs[:T].reshape(T * B, N)              # sum_t dz_t h_{t-1}^T
+    dU = dz_rows.T @ u.reshape(T * B, -1)                  # sum_t dz_t u_t^T
+    db = dz_rows.sum(axis=0)                               # sum_t dz_t
+    return g, dW, dU, db
+
+
+# --------------------------------------------------------------- losses
+
+def mse_loss(x, Y):
+    """Per-sample loss ||Y - x_L||^2, summed over the output components and
+    averaged over the batch (the objective of eq 10).
+
+    Returns the loss and dL/dx_L = E / B for every sample, where
+    E = -2 (Y - x_L) is the paper's error vector.
+    """
+    B = x.shape[0]
+    diff = x - Y
+    return float((diff * diff).sum()) / B, 2 * diff / B
+
+
+def softmax_cross_entropy(z, labels):
+    """Mean cross-entropy of softmax(z) against integer labels.
+
+    z: (..., K) scores; labels: (...) integers in [0, K). The mean runs over
+    every leading position (samples, and time steps for per-step outputs).
+    Returns the loss and dL/dz = (softmax(z) - onehot) / n.
+    """
+    xp = get_array_module(z)
+    K = z.shape[-1]
+    z = z.reshape(-1, K)
+    labels = labels.reshape(-1)
+    n = z.shape[0]
+    shifted = z - z.max(axis=1, keepdims=True)
+    log_p = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
+    rows = xp.arange(n)
+    loss = -float(log_p[rows, labels].sum()) / n
+    dz = xp.exp(log_p)
+    dz[rows, labels] -= 1
+    return loss, dz / n
+
+
+# ----------------------------------------------------------- optimisers
+
+class SGD:
+    """Eqs (8)-(10): W(i) = W(i-1) - mu dL/dW, the gradient being the mean
+    over the mini-batch (the losses above already average)."""
+
+    def __init__(self, lr):
+        self.lr = lr
+
+    def step(self, params, grads):
+        for name, grad in grads.items():
+            params[name] -= self.lr * grad                 # eqs (8)-(9)
+
+    def state(self):
+        return {}
+
+    def load_state(self, state):
+        pass
+
+
+class Adam:
+    """Adam (Kingma & Ba 2015) on the same averaged gradient as SGD.
+    `b1`, `b2` are Adam's decay rates (not the roa beta)."""
+
+    def __init__(self, lr, b1=0.9, b2=0.999, eps=1e-8):
+        self.lr, self.b1, self.b2, self.eps = lr, b1, b2, eps
+        self.t = 0
+        self.m, self.v = {}, {}
+
+    def step(self, params, grads):
+        self.t += 1
+        xp = get_array_module(next(iter(grads.values())))
+        for name, grad in grads.items():
+            if name not in self.m:
+                self.m[name] = xp.zeros_like(grad)
+                self.v[name] = xp.zeros_like(grad)
+            m, v = self.m[name], self.v[name]
+            m *= self.b1
+            m += (1 - self.b1) * grad                      # first moment
+            v *= self.b2
+            v += (1 - self.b2) * grad * grad               # second moment
+            m_hat = m / (1 - self.b1 ** self.t)            # bias corrections
+            v_hat = v / (1 - self.b2 ** self.t)
+            params[name] -= self.lr * m_hat / (xp.sqrt(v_hat) + self.eps)
+
+    def state(self):
+        """Arrays and numbers that restore this optimiser exactly."""
+        state = {"t": self.t}
+        state.update({f"m.{k}": a for k, a in self.m.items()})
+        state.update({f"v.{k}": a for k, a in self.v.items()})
+        return state
+
+    def load_state(self, state):
+        self.t = int(state["t"])
+        self.m = {k[2:]: a for k, a in state.items() if k.startswith("m.")}
+        self.v = {k[2:]: a for k, a in state.items() if k.startswith("v.")}

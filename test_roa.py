@@ -1,0 +1,353 @@
+"""test_roa.py -- the properties of the roa engine, proven with pytest + Hypothesis.
+
+Run: python -m pytest -q test_roa.py   (CI=true selects the reproducible CI profile).
+Each test states the property of MATH.md it checks.
+"""
+
+import os
+
+import numpy
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import autograd as ag
+import roa
+
+settings.register_profile("ci", max_examples=50, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", max_examples=100, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+seeds = st.integers(0, 2**31 - 1)
+alphas = st.one_of(st.just(0.0), st.floats(0.0, 1.5))
+betas = st.floats(0.05, 1.5)
+activations = st.sampled_from(sorted(ag.ACTIVATIONS))
+
+
+def gpu_unavailable_reason():
+    try:
+        ag.array_module("gpu")
+    except ag.RoaError as err:
+        return str(err)
+    return None
+
+
+GPU_SKIP = gpu_unavailable_reason()
+needs_gpu = pytest.mark.skipif(GPU_SKIP is not None, reason=f"no CuPy GPU here: {GPU_SKIP}")
+
+
+# -------------------------------------------------------------- helpers
+
+def rel_error(a, b):
+    """||a - b|| / (||a|| + ||b||), 0 when both are 0."""
+    a, b = ag.to_numpy(a), ag.to_numpy(b)
+    scale = numpy.linalg.norm(a) + numpy.linalg.norm(b)
+    return 0.0 if scale == 0 else numpy.linalg.norm(a - b) / scale
+
+
+def batch_loss(model, u, target, loss_name):
+    """The batch objective and its gradient dL/dz: forward, then the loss."""
+    z, cache = model.forward(u)
+    loss_fn = ag.mse_loss if loss_name == "mse" else ag.softmax_cross_entropy
+    loss, dz = loss_fn(z, target)
+    return loss, dz, cache
+
+
+def numeric_gradient(f, a, h=1e-5):
+    """Central finite differences of the scalar f() w.r.t. every entry of the array a (changed in place, restored)."""
+    grad = numpy.zeros(a.shape)
+    for i in numpy.ndindex(*a.shape):
+        old = float(a[i])
+        a[i] = old + h
+        f_plus = f()
+        a[i] = old - h
+        f_minus = f()
+        a[i] = old
+        grad[i] = (f_plus - f_minus) / (2 * h)
+    return grad
+
+
+def assert_gradients_match(model, u, target, loss_name):
+    """Every parameter's backprop gradient equals central finite differences (rel. error <= 1e-6).
+
+    Central differences in float64 carry a rounding error of about eps |L| / h,
+    about 1e-11 |L| with h = 1e-5: they cannot check a nonzero gradient smaller
+    than about 1e-3 |L| to 1e-6. Such draws (a deep plain sigmoid net, where the
+    gradient really vanishes) are set aside, like the ReLU kink; a gradient that
+    differences find exactly zero must be exactly zero.
+    """
+    loss, dz, cache = batch_loss(model, u, target, loss_name)
+    grads = model.backward(dz, cache)
+    assert set(grads) == set(model.params)
+    for name, p in model.params.items():
+        numeric = numeric_gradient(lambda: batch_loss(model, u, target, loss_name)[0], p)
+        size = numpy.linalg.norm(numeric)
+        assume(size == 0 or size >= 1e-3 * (1 + abs(loss)))
+        assert rel_error(grads[name], numeric) <= 1e-6, name
+
+
+def fnn_preactivations(model, u):
+    """y_l = W_l x_l + b_l of every roa layer, from the cached x_l."""
+    _, (_, (xs, *_), _) = model.forward(u)
+    return ag.to_numpy(xs[:-1] @ model.params["W"].transpose(0, 2, 1) + model.params["b"][:, None, :])
+
+
+@st.composite
+def fnn_specs(draw):
+    """The arguments of a small float64 roaFNN, a batch size, a data seed and a loss."""
+    n_in, n_out = draw(st.integers(1, 4)), draw(st.integers(2, 3))
+    model = dict(n_in=n_in, n_out=n_out, width=draw(st.integers(1, 5)), depth=draw(st.integers(1, 4)),
+                 alpha=draw(alphas), beta=draw(betas), activation=draw(activations),
+                 dtype="float64", seed=draw(seeds))
+    return model, draw(st.integers(1, 4)), draw(seeds), draw(st.sampled_from(["mse", "xent"]))
+
+
+def build_case(spec, device="cpu"):
+    """The model of `spec` on `device`, with its inputs and targets there too."""
+    kwargs, B, data_seed, loss_name = spec
+    model = roa.RoaFNN(**kwargs, device=device)
+    rng = numpy.random.default_rng(data_seed)
+    u = model.xp.asarray(rng.standard_normal((B, kwargs["n_in"])))
+    if loss_name == "mse":
+        target = model.xp.asarray(rng.standard_normal((B, kwargs["n_out"])))
+    else:
+        target = model.xp.asarray(rng.integers(0, kwargs["n_out"], B))
+    if kwargs["activation"] == "relu":      # keep the probe away from the kink of ReLU at 0
+        assume(numpy.abs(fnn_preactivations(model, u)).min() > 1e-3)
+    return model, u, target, loss_name
+
+
+# ------------------------------------------- 1. gradients vs finite differences
+
+@given(fnn_specs())
+def test_fnn_gradients_equal_finite_differences(spec):
+    assert_gradients_match(*build_case(spec))
+
+
+# ------------------------------------------------------ 2. orthogonal sampler
+
+@given(st.integers(1, 40), st.integers(1, 3), seeds)
+def test_random_orthogonal_is_orthogonal(n, count, seed):
+    O = ag.random_orthogonal(numpy.random.default_rng(seed), n, count)
+    assert O.shape == (count, n, n)
+    eye = numpy.eye(n)
+    for Q in O:
+        assert numpy.abs(Q.T @ Q - eye).max() < 1e-12
+        assert numpy.abs(Q @ Q.T - eye).max() < 1e-12
+
+
+def test_random_orthogonal_is_haar_not_plain_qr():
+    """Mezzadri's sign correction: Haar matrices have E[Q_11] = 0; plain QR's
+    Q_11 = a_11 / ||a_1|| * sign(r_11) would be biased. Averaged over many draws,
+    the diagonal of a Haar matrix has mean 0 (within 5 standard errors)."""
+    n, count = 3, 20000
+    O = ag.random_orthogonal(numpy.random.default_rng(0), n, count)
+    diag = numpy.diagonal(O, axis1=1, axis2=2)
+    stderr = diag.std(axis=0) / numpy.sqrt(count)
+    assert numpy.all(numpy.abs(diag.mean(axis=0)) < 5 * stderr)
+    assert numpy.all(numpy.abs(numpy.linalg.det(O)) - 1 < 1e-12)
+
+
+# ------------------------------------- 3. engine Jacobian = product of (7')
+
+def phi_prime(name, y):
+    """phi'(y), written out independently of the engine's derivatives."""
+    if name == "tanh":
+        return 1 / numpy.cosh(y) ** 2
+    if name == "relu":
+        return (y > 0).astype(float)
+    s = 1 / (1 + numpy.exp(-y))
+    return s * (1 - s)
+
+
+def random_stack(rng, N, L, gain):
+    """O_l Haar, W_l = gain * N(0, 1/N), b_l ~ N(0, 1/4) for l < L."""
+    O = ag.random_orthogonal(rng, N, L)
+    W = gain * rng.standard_normal((L, N, N)) / numpy.sqrt(N)
+    b = 0.5 * rng.standard_normal((L, N))
+    return O, W, b
+
+
+@given(st.integers(1, 6), st.integers(1, 6), alphas, betas, activations, st.floats(0.1, 5.0), seeds)
+def test_engine_jacobian_equals_product_of_layer_jacobians(N, L, alpha, beta, act, gain, seed):
+    rng = numpy.random.default_rng(seed)
+    O, W, b = random_stack(rng, N, L, gain)
+    x = rng.standard_normal(N)
+    phi = ag.ACTIVATIONS[act].phi
+    product, x_l = numpy.eye(N), x
+    for l in range(L):
+        y = W[l] @ x_l + b[l]
+        assume(act != "relu" or numpy.abs(y).min() > 1e-9)
+        J_l = alpha * O[l] + beta * numpy.diag(phi_prime(act, y)) @ W[l]        # eq (7')
+        product = J_l @ product                                                 # eq (6)
+        x_l = alpha * O[l] @ x_l + beta * phi(y)
+    J = ag.roa_jacobian(x, O, W, b, alpha, beta, ag.ACTIVATIONS[act])
+    assert numpy.abs(J - product).max() <= 1e-10 * max(1.0, numpy.abs(product).max())
+
+
+# ----------------------------------------------- 4. singular-value bounds
+
+def spectral_norm(A):
+    return numpy.linalg.norm(A, 2)
+
+
+def singular_values(A):
+    return numpy.linalg.svd(A, compute_uv=False)
+
+
+def product_bounds(alpha, beta, norms):
+    """MATH.md section 4 for L layers: prod(alpha + beta n_l) bounds sigma_max from above,
+    and prod(alpha - beta n_l) bounds sigma_min from below when every factor is > 0
+    (else the lower bound is 0, trivially true)."""
+    lower_factors = alpha - beta * numpy.asarray(norms)
+    lower = numpy.prod(lower_factors) if numpy.all(lower_factors > 0) else 0.0
+    return lower, numpy.prod(alpha + beta * numpy.asarray(norms))
+
+
+def assert_within(s, lower, upper, slack=1e-9):
+    """lower <= every singular value <= upper, up to rounding (SVD errors scale with the largest)."""
+    assert s.max() <= upper * (1 + slack)
+    assert s.min() >= lower - slack * s.max()
+
+
+@given(st.integers(1, 8), st.integers(1, 6), alphas, betas, activations,
+       st.floats(0.1, 20.0), seeds)
+def test_singular_values_lie_inside_the_bounds(N, L, alpha, beta, act_name, gain, seed):
+    rng = numpy.random.default_rng(seed)
+    O, W, b = random_stack(rng, N, L, gain)
+    x = rng.standard_normal(N)
+    act = ag.ACTIVATIONS[act_name]
+    _, (xs, ds, *_) = ag.roa_forward(x[None, :], O, W, b, alpha, beta, act)
+    DW = [spectral_norm(ds[l, 0][:, None] * W[l]) for l in range(L)]   # ||diag(d_l) W_l||, data-dependent
+    gW = [act.gamma * spectral_norm(W[l]) for l in range(L)]           # gamma ||W_l||, data-independent
+    for l in range(L):
+        J_l = ag.roa_jacobian(xs[l, 0], O[l:l + 1], W[l:l + 1], b[l:l + 1], alpha, beta, act)
+        for norms in (DW, gW):
+            assert_within(singular_values(J_l), *product_bounds(alpha, beta, norms[l:l + 1]))
+    s = singular_values(ag.roa_jacobian(x, O, W, b, alpha, beta, act))
+    for norms in (DW, gW):
+        assert_within(s, *product_bounds(alpha, beta, norms))
+
+
+# ------------------------------------------------ 5. the infinite-depth limit
+
+@settings(max_examples=8)
+@given(st.sampled_from([100, 300, 1000]), st.floats(0.5, 3.0), st.floats(0.5, 3.0),
+       st.booleans(), activations, seeds)
+def test_jacobian_stays_bounded_at_any_depth(L, c, gain, convex, act_name, seed):
+    """alpha = 1 (or the convex alpha = 1 - c/L), beta = c/L: every singular value of
+    the L-layer Jacobian lies inside the product bounds, and those lie inside
+    exp(-c gamma w), exp(c gamma w) (resp. exp(-c(1 + gamma w)), exp(-c(1 - gamma w)))
+    up to a factor exp(-O(1/L)) on the lower side, which is 1 in the limit:
+    neither zero nor infinity, however deep."""
+    rng = numpy.random.default_rng(seed)
+    N = 12
+    O, W, b = random_stack(rng, N, L, gain)
+    act = ag.ACTIVATIONS[act_name]
+    beta = c / L
+    alpha = 1 - beta if convex else 1.0
+    norms = [act.gamma * spectral_norm(W_l) for W_l in W]
+    gw = max(norms)                                                    # gamma w
+    s = singular_values(ag.roa_jacobian(rng.standard_normal(N), O, W, b, alpha, beta, act))
+    lower, upper = product_bounds(alpha, beta, norms)
+    assert lower > 0
+    assert_within(s, lower, upper)
+    # the bounds against their limits, using log(1 - e) >= -e - e^2 for e <= 1/2
+    shift = -c if convex else 0.0
+    assert upper <= numpy.exp(shift + c * gw) * (1 + 1e-12)
+    assert lower >= numpy.exp(shift - c * gw - c * c * (1 + gw) ** 2 / L)
+
+
+@pytest.mark.parametrize("gain, vanishes", [(1.0, True), (3.0, False)])
+def test_plain_mlp_gradient_vanishes_or_explodes_at_depth_1000(gain, vanishes):
+    """The contrast: alpha = 0, beta = 1 (the plain tanh MLP) vanishes (gain 1) or
+    explodes (gain 3) through 1,000 layers, while the roa network with alpha = 1,
+    beta = 1/L and those very weights stays inside its bounds."""
+    rng = numpy.random.default_rng(1)
+    N, L = 16, 1000
+    O, W, b = random_stack(rng, N, L, gain)
+    x = rng.standard_normal(N)
+    tanh = ag.ACTIVATIONS["tanh"]
+    s_plain = singular_values(ag.roa_jacobian(x, O, W, b, 0.0, 1.0, tanh))
+    if vanishes:
+        assert s_plain.max() < 1e-6
+    else:
+        assert s_plain.min() > 1e6
+    s_roa = singular_values(ag.roa_jacobian(x, O, W, b, 1.0, 1.0 / L, tanh))
+    lower, upper = product_bounds(1.0, 1.0 / L, [spectral_norm(W_l) for W_l in W])
+    assert lower > 1e-3 and upper < 1e3
+    assert_within(s_roa, lower, upper)
+
+
+# ------------------------------------------------------ 6. eq (10): SGD
+
+@given(fnn_specs(), st.floats(1e-3, 0.5))
+def test_sgd_batch_step_is_mean_of_per_sample_steps(spec, lr):
+    """Eqs (8)-(10): the mini-batch correction is -(mu/m) sum_i dL/dW (sample i)."""
+    model, u, target, loss_name = build_case(spec)
+    start = {k: v.copy() for k, v in model.params.items()}
+
+    def gradient(rows):
+        _, dz, cache = batch_loss(model, u[rows], target[rows], loss_name)
+        return model.backward(dz, cache)
+
+    per_sample = [gradient(slice(i, i + 1)) for i in range(u.shape[0])]
+    ag.SGD(lr).step(model.params, gradient(slice(None)))
+    for name in start:
+        mean_update = -lr * sum(g[name] for g in per_sample) / len(per_sample)
+        assert numpy.allclose(model.params[name] - start[name], mean_update, rtol=1e-9, atol=1e-15), name
+
+
+@given(st.floats(1e-4, 1e-1), st.floats(1e-6, 1e3), seeds)
+def test_adam_first_step_is_lr_times_normalised_gradient(lr, scale, seed):
+    """After one step the bias-corrected moments are m = g, v = g^2, so Adam moves
+    every entry by -lr g / (|g| + eps): about lr, whatever the gradient's scale."""
+    g = scale * numpy.random.default_rng(seed).standard_normal((3, 4))
+    params = {"W": numpy.zeros((3, 4))}
+    adam = ag.Adam(lr)
+    adam.step(params, {"W": g})
+    assert numpy.allclose(params["W"], -lr * g / (numpy.abs(g) + adam.eps), rtol=1e-12, atol=0)
+
+
+# --------------------------------------------------- arguments are checked
+
+@pytest.mark.parametrize("change, named", [
+    ({"alpha": -0.1}, "alpha"), ({"alpha": float("nan")}, "alpha"), ({"beta": 0.0}, "beta"),
+    ({"beta": -1.0}, "beta"), ({"width": 0}, "width"), ({"depth": 0}, "depth"),
+    ({"depth": 2.5}, "depth"), ({"activation": "swish"}, "activation"),
+    ({"dtype": "float16"}, "dtype"), ({"device": "tpu"}, "device"),
+])
+def test_bad_model_arguments_raise_a_clear_error(change, named):
+    kwargs = dict(n_in=3, n_out=2, width=4, depth=2, alpha=1.0, beta=0.1)
+    kwargs.update(change)
+    with pytest.raises(ag.RoaError, match=named) as info:
+        roa.RoaFNN(**kwargs)
+    assert repr(next(iter(change.values()))) in str(info.value)
+
+
+@pytest.mark.skipif(GPU_SKIP is None, reason="a GPU is present, so asking for one is no mistake")
+def test_asking_for_a_missing_gpu_is_a_clear_error():
+    with pytest.raises(ag.RoaError, match="gpu"):
+        roa.RoaFNN(3, 2, 4, 2, 1.0, 0.1, device="gpu")
+
+
+# ------------------------------------------------------------ 7. CuPy
+
+@needs_gpu
+@given(fnn_specs())
+def test_fnn_gradients_on_gpu_equal_finite_differences(spec):
+    assert_gradients_match(*build_case(spec, device="gpu"))
+
+
+@needs_gpu
+@given(fnn_specs())
+def test_numpy_and_cupy_agree_on_forward_and_backward(spec):
+    cpu, gpu = build_case(spec, "cpu"), build_case(spec, "gpu")
+    loss_cpu, dz_cpu, cache_cpu = batch_loss(*cpu)
+    loss_gpu, dz_gpu, cache_gpu = batch_loss(*gpu)
+    assert abs(loss_cpu - loss_gpu) <= 1e-12 * max(1.0, abs(loss_cpu))
+    grads_cpu, grads_gpu = cpu[0].backward(dz_cpu, cache_cpu), gpu[0].backward(dz_gpu, cache_gpu)
+    for name in grads_cpu:
+        assert rel_error(grads_cpu[name], grads_gpu[name]) <= 1e-12, name
