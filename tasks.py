@@ -5,6 +5,7 @@ knows its loss, its metric on held-out data, its baseline and its criterion
 for "solved". Data are seeded: the same seed gives the same batches.
 """
 
+import functools
 import gzip
 import hashlib
 import math
@@ -28,8 +29,10 @@ def heldout_rng(split):
     return numpy.random.default_rng([0, split])
 
 
-def training_rng(seed):
-    return numpy.random.default_rng([seed, 0])
+def step_rng(seed, step):
+    """The generator of training batch `step`: batches depend on (seed, step) alone,
+    so a run resumed at any step sees exactly the batches it would have seen."""
+    return numpy.random.default_rng([seed, step, 0])
 
 
 def accuracy(z, labels):
@@ -39,9 +42,21 @@ def accuracy(z, labels):
 
 class Task:
     """What training needs from a task (the subclasses fill these in).
-    `baseline` is the loss of the best memoryless answer: the loss to beat."""
-    name = n_in = n_out = readout = metric_name = baseline = None
+    `baseline` is the loss of the best memoryless answer: the loss to beat.
+    Sequence tasks are time-major: u is (T, B, n_in), so the batch sits on
+    axis 1 of u (u_axis), and on axis 1 of y for per-step targets (y_axis)."""
+    name = n_in = n_out = metric_name = baseline = None
+    model, readout = "rnn", "last"      # the roaRNN reads out its last state
+    u_axis, y_axis = 1, 0
     higher_is_better = False
+
+    def input_shape(self, B):
+        """The shape of the inputs u of a training batch of size B."""
+        raise NotImplementedError
+
+    def train_batch(self, seed, step, B):
+        """Training batch number `step` of size B: (u, y), a function of (seed, step) alone."""
+        raise NotImplementedError
 
     def loss(self, z, y):
         """The batch objective and dL/dz."""
@@ -80,20 +95,27 @@ def adding_batch(rng, T, B):
 
 
 class Adding(Task):
-    name, n_in, n_out, readout, metric_name = "adding", 2, 1, "last", "MSE"
+    name, n_in, n_out, metric_name = "adding", 2, 1, "MSE"
     baseline = 0.167            # predicting the constant 1 (exactly 1/6)
 
     def __init__(self, T):
         if T < 2:
             raise RoaError(f"the adding problem needs a length >= 2, got {T}")
         self.T = T
-        self.validation = adding_batch(heldout_rng(1), T, HELD_OUT)
-        self.test = adding_batch(heldout_rng(2), T, HELD_OUT)
 
-    def train_batches(self, seed, B):
-        rng = training_rng(seed)
-        while True:
-            yield adding_batch(rng, self.T, B)
+    @functools.cached_property
+    def validation(self):
+        return adding_batch(heldout_rng(1), self.T, HELD_OUT)
+
+    @functools.cached_property
+    def test(self):
+        return adding_batch(heldout_rng(2), self.T, HELD_OUT)
+
+    def input_shape(self, B):
+        return (self.T, B, self.n_in)
+
+    def train_batch(self, seed, step, B):
+        return adding_batch(step_rng(seed, step), self.T, B)
 
     def loss(self, z, y):
         return mse_loss(z, y)
@@ -127,7 +149,8 @@ def copy_batch(rng, T, B):
 
 
 class Copy(Task):
-    name, n_in, n_out, readout, metric_name = "copy", 10, 9, "every", "recall accuracy"
+    name, n_in, n_out, metric_name = "copy", 10, 9, "recall accuracy"
+    readout, y_axis = "every", 1        # a prediction at every step
     higher_is_better = True
 
     def __init__(self, T):
@@ -135,13 +158,20 @@ class Copy(Task):
             raise RoaError(f"the copying task needs a delay >= 1, got {T}")
         self.T = T
         self.baseline = COPY_SYMBOLS * math.log(8) / (T + 20)     # cross-entropy of a memoryless guess
-        self.validation = copy_batch(heldout_rng(1), T, HELD_OUT)
-        self.test = copy_batch(heldout_rng(2), T, HELD_OUT)
 
-    def train_batches(self, seed, B):
-        rng = training_rng(seed)
-        while True:
-            yield copy_batch(rng, self.T, B)
+    @functools.cached_property
+    def validation(self):
+        return copy_batch(heldout_rng(1), self.T, HELD_OUT)
+
+    @functools.cached_property
+    def test(self):
+        return copy_batch(heldout_rng(2), self.T, HELD_OUT)
+
+    def input_shape(self, B):
+        return (self.T + 20, B, self.n_in)
+
+    def train_batch(self, seed, step, B):
+        return copy_batch(step_rng(seed, step), self.T, B)
 
     def loss(self, z, y):
         return softmax_cross_entropy(z, y)
@@ -262,40 +292,32 @@ def pixel_permutation(seed):
     return numpy.random.default_rng(seed).permutation(28 * 28)
 
 
-class PsMNIST(Task):
-    """Permuted sequential MNIST: each image is a sequence of 784 pixels in one
-    fixed random order, one pixel per step; classify from the last state.
-    The standard 60,000 / 10,000 split, with the last `validation_size`
-    training images held out for validation."""
-    name, n_in, n_out, readout, metric_name = "psmnist", 1, 10, "last", "accuracy"
-    higher_is_better = True
+class MNIST(Task):
+    """The standard 60,000 / 10,000 split of MNIST, with the last
+    `validation_size` training images held out for validation; the
+    subclasses say how an image is fed to the model (`inputs`)."""
+    n_out, metric_name, higher_is_better = 10, "accuracy", True
     baseline = math.log(10)     # cross-entropy of a uniform guess
 
-    def __init__(self, data_dir, fetch=False, validation_size=5000, permutation_seed=0, log=print):
+    def __init__(self, data_dir, fetch=False, validation_size=5000, log=print):
         images, labels, test_images, test_labels = load_mnist(data_dir, fetch, log)
         if not 0 < validation_size < len(images):
             raise RoaError(f"validation size must be in 1 .. {len(images) - 1}, got {validation_size}")
-        self.permutation = pixel_permutation(permutation_seed)
-        self.T = 28 * 28
         cut = len(images) - validation_size
         self.train = (images[:cut], labels[:cut])
-        self.validation = (self.sequences(images[cut:]), labels[cut:])
-        self.test = (self.sequences(test_images), test_labels)
+        self.validation = (self.inputs(images[cut:]), labels[cut:])
+        self.test = (self.inputs(test_images), test_labels)
 
-    def sequences(self, images):
-        """(B, 28, 28) uint8 images -> (784, B, 1) permuted pixel sequences in [0, 1]."""
-        flat = images.reshape(len(images), -1)[:, self.permutation]
-        return (flat.T / 255.0)[:, :, None]
+    def inputs(self, images):
+        raise NotImplementedError
 
-    def train_batches(self, seed, B):
-        """Shuffled epochs over the training images, without end."""
-        rng = training_rng(seed)
+    def train_batch(self, seed, step, B):
+        """Batch `step` (counted from 0) of shuffled epochs over the training images."""
         images, labels = self.train
-        while True:
-            order = rng.permutation(len(images))
-            for start in range(0, len(order) - B + 1, B):
-                rows = order[start:start + B]
-                yield self.sequences(images[rows]), labels[rows]
+        epoch, position = divmod(step, self.steps_per_epoch(B))
+        order = numpy.random.default_rng([seed, epoch, 1]).permutation(len(images))
+        rows = order[position * B:(position + 1) * B]
+        return self.inputs(images[rows]), labels[rows]
 
     def steps_per_epoch(self, B):
         return len(self.train[0]) // B
@@ -306,11 +328,48 @@ class PsMNIST(Task):
     def metric(self, z, y):
         return accuracy(z, y)
 
+
+class PsMNIST(MNIST):
+    """Permuted sequential MNIST: each image is a sequence of 784 pixels in one
+    fixed random order, one pixel per step; classify from the last state."""
+    name, n_in, T = "psmnist", 1, 28 * 28
+
+    def __init__(self, data_dir, fetch=False, validation_size=5000, permutation_seed=0, log=print):
+        self.permutation = pixel_permutation(permutation_seed)
+        super().__init__(data_dir, fetch, validation_size, log)
+
+    def input_shape(self, B):
+        return (self.T, B, 1)
+
+    def inputs(self, images):
+        """(B, 28, 28) uint8 images -> (784, B, 1) permuted pixel sequences in [0, 1]."""
+        flat = images.reshape(len(images), -1)[:, self.permutation]
+        return (flat.T / 255.0)[:, :, None]
+
     def solved(self, metric):
         return metric >= 0.98
 
     def criterion(self):
         return "test accuracy >= 98 % (the paper's 10-epoch claim)"
+
+
+class DeepMNIST(MNIST):
+    """MNIST images flattened to 784 inputs, for the extremely deep roaFNN."""
+    name, n_in, T = "deepmlp", 28 * 28, 1
+    model, u_axis = "fnn", 0
+
+    def input_shape(self, B):
+        return (B, self.n_in)
+
+    def inputs(self, images):
+        """(B, 28, 28) uint8 images -> (B, 784) in [0, 1]."""
+        return images.reshape(len(images), -1) / 255.0
+
+    def solved(self, metric):
+        return metric >= 0.90
+
+    def criterion(self):
+        return "test accuracy >= 90 %"
 
 
 def on_device(xp, u, y, dtype):

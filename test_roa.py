@@ -4,7 +4,10 @@ Run: python -m pytest -q test_roa.py   (CI=true selects the reproducible CI prof
 Each test states the property of MATH.md it checks.
 """
 
+import json
 import os
+import signal
+import tempfile
 import sys
 
 import numpy
@@ -511,8 +514,11 @@ def test_psmnist_reads_a_data_dir_and_splits_it(tmp_path, compress):
     assert task.test[0].shape == (784, 12, 1) and len(task.train[0]) == 20
     raw = tasks.read_idx(str(next(tmp_path.glob("train-images*"))))
     assert numpy.allclose(u_val[:, 0, 0], raw[20].reshape(-1)[task.permutation] / 255)
-    u, y = next(task.train_batches(seed=0, B=4))
-    assert u.shape == (784, 4, 1) and y.shape == (4,)
+    epoch = [task.train_batch(seed=0, step=s, B=4)[1] for s in range(5)]       # 20 images, 5 steps
+    assert all(y.shape == (4,) for y in epoch)
+    assert sorted(numpy.concatenate(epoch)) == sorted(task.train[1])          # each image once
+    u, y = task.train_batch(seed=0, step=2, B=4)
+    assert u.shape == (784, 4, 1) and numpy.array_equal(y, epoch[2])
 
 
 def test_psmnist_without_files_names_the_folder(tmp_path):
@@ -544,3 +550,164 @@ def test_bad_flags_exit_with_a_message_naming_the_value(flags, named, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "error" in err and named in err and "Traceback" not in err
+
+
+# ===================================================== reliability (issue 6)
+
+def run_cli(argv, capsys):
+    """roa.main(argv): (exit code, stderr)."""
+    try:
+        code = roa.main(argv)
+    except SystemExit as stop:          # argparse's own errors
+        code = stop.code
+    return code, capsys.readouterr().err
+
+
+TINY = ["--task", "adding", "--length", "6", "--hidden", "4", "--batch", "3", "--steps", "10"]
+
+
+def bad_inputs(tmp_path):
+    """(flags, what the message must name) for every kind of user mistake."""
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    write_fake_mnist(corrupt, 3, 2)
+    image_file = corrupt / "t10k-images-idx3-ubyte"
+    image_file.write_bytes(image_file.read_bytes()[:-100])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    not_npz = tmp_path / "notes.txt"
+    not_npz.write_text("hello")
+    wrong_shape = tmp_path / "wrong-shape.npz"
+    roa.main(TINY + ["--save", str(tmp_path / "good.npz"), "--quiet"])
+    with numpy.load(tmp_path / "good.npz") as npz:
+        arrays = dict(npz)
+    arrays["param.W"] = numpy.zeros((5, 5))
+    numpy.savez(wrong_shape, **arrays)
+    table = [
+        (["--task", "sorting"], "'sorting'"), (TINY + ["--alpha", "-0.5"], "-0.5"),
+        (TINY + ["--beta", "0"], "--beta"), (TINY + ["--beta", "-2"], "-2"),
+        (TINY + ["--hidden", "0"], "--hidden"), (TINY + ["--length", "1"], "1"),
+        (TINY + ["--length", "-4"], "-4"), (TINY + ["--batch", "0"], "--batch"),
+        (TINY + ["--lr", "0"], "--lr"), (TINY + ["--lr", "abc"], "'abc'"),
+        (TINY + ["--steps", "2.5"], "'2.5'"), (TINY + ["--alpha", "nan"], "nan"),
+        (TINY + ["--epochs", "2"], "--epochs"), (["--task", "adding", "--epochs", "2"], "--epochs"),
+        (TINY + ["--length", "10000000", "--hidden", "5000"], "GB"),
+        (["--task", "psmnist", "--data-dir", str(empty)], str(empty)),
+        (["--task", "psmnist", "--data-dir", str(corrupt)], "truncated"),
+        (TINY + ["--resume", str(tmp_path / "missing.npz")], "missing.npz"),
+        (TINY + ["--resume", str(not_npz)], "notes.txt"),
+        (TINY + ["--resume", str(tmp_path / "good.npz"), "--hidden", "5"], "--hidden 5"),
+        (TINY + ["--resume", str(wrong_shape), "--steps", "20"], "parameter W"),
+    ]
+    if GPU_SKIP is not None:
+        table.append((TINY + ["--device", "gpu"], "gpu"))
+    return table
+
+
+def test_every_bad_input_exits_2_with_one_clear_line(tmp_path, capsys):
+    for flags, named in bad_inputs(tmp_path):
+        code, err = run_cli(flags, capsys)
+        assert code == 2, " ".join(flags)
+        assert "error" in err and named in err, (flags, err)
+        assert "Traceback" not in err
+
+
+@given(st.binary(max_size=300))
+def test_idx_parser_fuzz_gives_arrays_or_the_clear_error(raw):
+    try:
+        array = tasks.parse_idx(raw, "fuzz")
+    except ag.RoaError as err:
+        assert "fuzz" in str(err)
+    else:
+        assert isinstance(array, numpy.ndarray) and array.size * array.itemsize == len(raw) - 4 - 4 * raw[3]
+
+
+@given(st.integers(0, 4 + 3 * 4 + 2 * 3 * 3 - 1), st.booleans())
+def test_idx_reader_rejects_every_truncation(cut, compress):
+    raw = idx_bytes(numpy.arange(2 * 3 * 3).reshape(2, 3, 3))[:cut]
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "cut.idx")
+        with open(path, "wb") as f:
+            f.write(tasks.gzip.compress(raw) if compress else raw)
+        with pytest.raises(ag.RoaError):
+            tasks.read_idx(path)
+
+
+def saved_params(path):
+    config, step, params, optim, _ = roa.load_checkpoint(str(path))
+    return step, params, optim
+
+
+def test_resume_is_exact_bit_for_bit(tmp_path):
+    """N steps in one go == k steps, save, resume, N - k steps (NumPy float64, Adam)."""
+    flags = TINY + ["--dtype", "float64", "--quiet"]
+    assert roa.main(flags[:-3] + ["--steps", "10", "--save", str(tmp_path / "one.npz"), "--dtype",
+                                  "float64", "--quiet"]) == 0
+    assert roa.main(flags[:-3] + ["--steps", "4", "--save", str(tmp_path / "two.npz"), "--dtype",
+                                  "float64", "--quiet"]) == 0
+    assert roa.main(flags[:-3] + ["--steps", "10", "--resume", str(tmp_path / "two.npz"),
+                                  "--save", str(tmp_path / "two.npz"), "--quiet"]) == 0
+    step_one, params_one, optim_one = saved_params(tmp_path / "one.npz")
+    step_two, params_two, optim_two = saved_params(tmp_path / "two.npz")
+    assert step_one == step_two == 10
+    for name in params_one:
+        assert numpy.array_equal(params_one[name], params_two[name]), name
+    for name in optim_one:
+        assert numpy.array_equal(optim_one[name], optim_two[name]), name
+
+
+def test_nan_stops_at_its_step_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
+    clean = tasks.Adding.train_batch
+
+    def poisoned(self, seed, step, B):
+        u, y = clean(self, seed, step, B)
+        if step + 1 == 7:                      # training step 7 gets a NaN input
+            u[0, 0, 0] = numpy.nan
+        return u, y
+
+    monkeypatch.setattr(tasks.Adding, "train_batch", poisoned)
+    path = tmp_path / "run.npz"
+    code, err = run_cli(TINY + ["--save", str(path), "--save-every", "5", "--quiet"], capsys)
+    assert code == 2 and "step 7" in err and "Traceback" not in err
+    step, params, _ = saved_params(path)
+    assert step == 5 and all(numpy.isfinite(p).all() for p in params.values())
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "run.npz"
+    assert roa.main(TINY + ["--steps", "4", "--save", str(path), "--quiet"]) == 0
+    before = path.read_bytes()
+
+    def crash(src, dst):                          # the failure between writing and renaming
+        raise OSError("simulated crash before the rename")
+
+    monkeypatch.setattr(roa.os, "replace", crash)
+    code, err = run_cli(TINY + ["--resume", str(path), "--save", str(path), "--quiet"], capsys)
+    assert code == 2 and "could not save" in err
+    assert path.read_bytes() == before
+    assert not (tmp_path / "run.npz.tmp").exists()
+    assert saved_params(path)[0] == 4
+
+
+def test_ctrl_c_saves_the_finished_step_and_exits_130(tmp_path, monkeypatch, capsys):
+    step_once = roa.train_step
+
+    def interrupted_at_3(model, task, optimizer, seed, step, batch):
+        loss = step_once(model, task, optimizer, seed, step, batch)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    monkeypatch.setattr(roa, "train_step", interrupted_at_3)
+    path = tmp_path / "run.npz"
+    code, err = run_cli(TINY + ["--save", str(path), "--quiet"], capsys)
+    assert code == 130 and "after step 3" in err and "--resume" in err
+    assert saved_params(path)[0] == 3
+
+
+def test_metrics_log_has_one_json_line_per_report(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    assert roa.main(TINY + ["--eval-every", "5", "--metrics", str(log), "--quiet"]) == 0
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [line["step"] for line in lines] == [5, 10]
+    assert all({"loss", "val_loss", "val_metric"} <= set(line) for line in lines)
