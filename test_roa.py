@@ -555,12 +555,13 @@ def test_bad_flags_exit_with_a_message_naming_the_value(flags, named, capsys):
 # ===================================================== reliability (issue 6)
 
 def run_cli(argv, capsys):
-    """roa.main(argv): (exit code, stderr)."""
+    """roa.main(argv): (exit code, stderr, stdout)."""
     try:
         code = roa.main(argv)
     except SystemExit as stop:          # argparse's own errors
         code = stop.code
-    return code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return code, captured.err, captured.out
 
 
 TINY = ["--task", "adding", "--length", "6", "--hidden", "4", "--batch", "3", "--steps", "10"]
@@ -606,7 +607,7 @@ def bad_inputs(tmp_path):
 
 def test_every_bad_input_exits_2_with_one_clear_line(tmp_path, capsys):
     for flags, named in bad_inputs(tmp_path):
-        code, err = run_cli(flags, capsys)
+        code, err, _ = run_cli(flags, capsys)
         assert code == 2, " ".join(flags)
         assert "error" in err and named in err, (flags, err)
         assert "Traceback" not in err
@@ -667,7 +668,7 @@ def test_nan_stops_at_its_step_and_keeps_the_checkpoint(tmp_path, monkeypatch, c
 
     monkeypatch.setattr(tasks.Adding, "train_batch", poisoned)
     path = tmp_path / "run.npz"
-    code, err = run_cli(TINY + ["--save", str(path), "--save-every", "5", "--quiet"], capsys)
+    code, err, _ = run_cli(TINY + ["--save", str(path), "--save-every", "5", "--quiet"], capsys)
     assert code == 2 and "step 7" in err and "Traceback" not in err
     step, params, _ = saved_params(path)
     assert step == 5 and all(numpy.isfinite(p).all() for p in params.values())
@@ -682,7 +683,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypat
         raise OSError("simulated crash before the rename")
 
     monkeypatch.setattr(roa.os, "replace", crash)
-    code, err = run_cli(TINY + ["--resume", str(path), "--save", str(path), "--quiet"], capsys)
+    code, err, _ = run_cli(TINY + ["--resume", str(path), "--save", str(path), "--quiet"], capsys)
     assert code == 2 and "could not save" in err
     assert path.read_bytes() == before
     assert not (tmp_path / "run.npz.tmp").exists()
@@ -700,7 +701,7 @@ def test_ctrl_c_saves_the_finished_step_and_exits_130(tmp_path, monkeypatch, cap
 
     monkeypatch.setattr(roa, "train_step", interrupted_at_3)
     path = tmp_path / "run.npz"
-    code, err = run_cli(TINY + ["--save", str(path), "--quiet"], capsys)
+    code, err, _ = run_cli(TINY + ["--save", str(path), "--quiet"], capsys)
     assert code == 130 and "after step 3" in err and "--resume" in err
     assert saved_params(path)[0] == 3
 
@@ -711,3 +712,19 @@ def test_metrics_log_has_one_json_line_per_report(tmp_path):
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [line["step"] for line in lines] == [5, 10]
     assert all({"loss", "val_loss", "val_metric"} <= set(line) for line in lines)
+
+
+@pytest.mark.parametrize("task, flags", [
+    ("copy", ["--length", "5", "--hidden", "8", "--steps", "3"]),
+    ("psmnist", ["--hidden", "8", "--steps", "3"]),
+    ("deepmlp", ["--hidden", "8", "--depth", "200", "--steps", "3"]),
+])
+def test_every_task_command_runs_end_to_end(task, flags, tmp_path, capsys):
+    """A smoke version of each task's command: it trains, reports and saves."""
+    write_fake_mnist(tmp_path, 40, 10)
+    path = tmp_path / "run.npz"
+    code, err, out = run_cli(["--task", task, "--data-dir", str(tmp_path), "--validation", "8",
+                              "--batch", "4", "--save", str(path)] + flags, capsys)
+    assert code == 0, err
+    assert f"roa: {task}: test" in out
+    assert saved_params(path)[0] == 3
