@@ -204,48 +204,63 @@ def rnn_forward(u, h0, O, W, U, b, alpha, beta, act):
 
     u: (T, B, n_in); h0: (B, N). With alpha = 0 and beta = 1 this is the
     vanilla Elman RNN. Returns h_1 .. h_T as (T, B, N) and the cache.
+    W and O are stacked so that one product per step gives W h and O h.
     """
     xp = get_array_module(u)
-    T = u.shape[0]
-    Uu_b = u @ U.T + b                     # U u_t + b for every t: one product before the loop
+    T, N = u.shape[0], W.shape[0]
+    WO_T = xp.concatenate([W, O]).T        # h @ WO_T = [W h | O h]
     hs = xp.empty((T + 1,) + h0.shape, u.dtype)
     ds = xp.empty((T,) + h0.shape, u.dtype)
     hs[0] = h0
+    xp.matmul(u, U.T, out=hs[1:])          # U u_t + b for every t: one product before the loop,
+    hs[1:] += b                            # held in hs[t] until h_t overwrites it
     for t in range(1, T + 1):              # hs[t] = h_t; ds[t-1] = phi'(a_t)
-        a = hs[t - 1] @ W.T + Uu_b[t - 1]                  # a_t = W h_{t-1} + U u_t + b
+        Wh_Oh = hs[t - 1] @ WO_T
+        a = Wh_Oh[:, :N]
+        a += hs[t]                                         # a_t = W h_{t-1} + U u_t + b
         z = act.phi(a)
         ds[t - 1] = act.dphi(a, z)
-        hs[t] = alpha * (hs[t - 1] @ O.T) + beta * z
+        xp.multiply(Wh_Oh[:, N:], alpha, out=hs[t])
+        hs[t] += beta * z                                  # h_t = alpha O h_{t-1} + beta phi(a_t)
     return hs[1:], (u, hs, ds, O, W, alpha, beta)
 
 
 def rnn_backward(dhs, cache):
     """Backpropagation through time for rnn_forward (MATH.md section 3).
 
-    dhs: (T, B, N), the gradient that the loss sends into each h_t directly
-    (zero at the steps that have no output). With g_t the total gradient
-    reaching h_t, the loop runs t = T .. 1:
+    dhs: (T', B, N), the gradient that the loss sends into each of the last
+    T' states h_{T-T'+1} .. h_T (T' = 1 for a readout of h_T alone, T' = T
+    for a readout at every step). With g_t the total gradient reaching h_t,
+    the loop runs t = T .. 1:
 
         dz_t     = beta g_t * phi'(a_t)
-        g_{t-1}  = dhs_{t-1} + alpha O^T g_t + W^T dz_t
+        g_{t-1}  = alpha O^T g_t + W^T dz_t   (+ the loss's own gradient at h_{t-1})
 
     and the weight gradients are one matrix product each over all
-    (t, batch) pairs afterwards. Returns dL/dh_0, dW, dU, db.
+    (t, batch) pairs afterwards. dz_t is written over phi'(a_t) in the
+    cache, which it replaces: a cache serves one backward pass.
+    Returns dL/dh_0, dW, dU, db.
     """
     u, hs, ds, O, W, alpha, beta = cache
     xp = get_array_module(dhs)
     T, B, N = ds.shape
-    dz = xp.empty_like(ds)
-    g = xp.zeros_like(hs[0])
+    first_seen = T - dhs.shape[0]                     # h_t with t > first_seen feed the loss directly
+    OW = xp.concatenate([O, W])                       # [alpha g | dz] @ OW = alpha O^T g + W^T dz
+    g_dz = xp.zeros((B, 2 * N), ds.dtype)
+    g, dz = g_dz[:, :N], g_dz[:, N:]
     for t in range(T, 0, -1):
-        g = g + dhs[t - 1]                                 # g_t: from the future and from the loss at t
-        dz[t - 1] = beta * g * ds[t - 1]                   # dz_t = beta g_t * phi'(a_t)
-        g = alpha * (g @ O) + dz[t - 1] @ W                # the part of g_{t-1} coming from h_t
-    dz_rows = dz.reshape(T * B, N)
+        if t > first_seen:
+            g += dhs[t - 1 - first_seen]                   # the loss's gradient at h_t
+        xp.multiply(ds[t - 1], g, out=dz)
+        dz *= beta                                         # dz_t = beta g_t * phi'(a_t)
+        ds[t - 1] = dz                                     # kept for the weight gradients
+        g *= alpha
+        g[...] = g_dz @ OW                                 # g_{t-1} = alpha O^T g_t + W^T dz_t
+    dz_rows = ds.reshape(T * B, N)
     dW = dz_rows.T @ hs[:T].reshape(T * B, N)              # sum_t dz_t h_{t-1}^T
     dU = dz_rows.T @ u.reshape(T * B, -1)                  # sum_t dz_t u_t^T
     db = dz_rows.sum(axis=0)                               # sum_t dz_t
-    return g, dW, dU, db
+    return g.copy(), dW, dU, db
 
 
 def rnn_jacobian(u, h0, O, W, U, b, alpha, beta, act):
@@ -257,9 +272,7 @@ def rnn_jacobian(u, h0, O, W, U, b, alpha, beta, act):
     n, T = h0.shape[0], u.shape[0]
     hs, cache = rnn_forward(xp.repeat(u[:, None, :], n, axis=1), xp.tile(h0, (n, 1)),
                             O, W, U, b, alpha, beta, act)
-    dhs = xp.zeros_like(hs)
-    dhs[T - 1] = xp.eye(n, dtype=u.dtype)
-    J, _, _, _ = rnn_backward(dhs, cache)
+    J, _, _, _ = rnn_backward(xp.eye(n, dtype=u.dtype)[None], cache)    # the loss sees h_T alone
     return J
 
 

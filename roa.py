@@ -152,18 +152,14 @@ class RoaRNN(Model):
         h0 = self.xp.zeros((u.shape[1], p["W"].shape[0]), dtype=u.dtype)
         hs, rnn_cache = rnn_forward(u, h0, self.O, p["W"], p["U"], p["b"], self.alpha, self.beta, self.act)
         z, out_cache = linear_forward(hs[-1] if self.readout == "last" else hs, p["V"], p["c"])
-        return z, (rnn_cache, out_cache, hs.shape)
+        return z, (rnn_cache, out_cache)
 
     def backward(self, dz, cache):
         """dz = dL/dz -> the gradient of every parameter, by BPTT."""
-        rnn_cache, out_cache, hs_shape = cache
+        rnn_cache, out_cache = cache
         g = {}
         dh, g["V"], g["c"] = linear_backward(dz, out_cache)
-        if self.readout == "last":                 # only h_T feeds the loss
-            dhs = self.xp.zeros(hs_shape, dtype=dh.dtype)
-            dhs[-1] = dh
-        else:
-            dhs = dh
+        dhs = dh[None] if self.readout == "last" else dh      # the loss sees h_T, or every h_t
         _, g["W"], g["U"], g["b"] = rnn_backward(dhs, rnn_cache)
         return g
 
