@@ -694,10 +694,10 @@ def test_ctrl_c_saves_the_finished_step_and_exits_130(tmp_path, monkeypatch, cap
     step_once = roa.train_step
 
     def interrupted_at_3(model, task, optimizer, seed, step, batch):
-        loss = step_once(model, task, optimizer, seed, step, batch)
+        result = step_once(model, task, optimizer, seed, step, batch)
         if step == 3:
             os.kill(os.getpid(), signal.SIGINT)
-        return loss
+        return result
 
     monkeypatch.setattr(roa, "train_step", interrupted_at_3)
     path = tmp_path / "run.npz"
@@ -711,7 +711,7 @@ def test_metrics_log_has_one_json_line_per_report(tmp_path):
     assert roa.main(TINY + ["--eval-every", "5", "--metrics", str(log), "--quiet"]) == 0
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [line["step"] for line in lines] == [5, 10]
-    assert all({"loss", "val_loss", "val_metric"} <= set(line) for line in lines)
+    assert all({"loss", "val_loss", "val_metric", "input_grad_norm"} <= set(line) for line in lines)
 
 
 @pytest.mark.parametrize("task, flags", [
