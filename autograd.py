@@ -154,10 +154,14 @@ def roa_forward(x, O, W, b, alpha, beta, act):
     ds = xp.empty((L,) + x.shape, x.dtype)
     xs[0] = x
     for l in range(L):
-        y = xs[l] @ W[l].T + b[l]                          # eq (1)
+        y = xs[l] @ W[l].T
+        y += b[l]                                          # eq (1): y_l = W_l x_l + b_l
         a = act.phi(y)                                     # eq (2)
-        ds[l] = act.dphi(y, a)                             # eq (4)
-        xs[l + 1] = alpha * (xs[l] @ O[l].T) + beta * a    # the roa layer
+        ds[l] = act.dphi(y, a)                             # eq (4): d_l = phi'(y_l)
+        xp.matmul(xs[l], O[l].T, out=xs[l + 1])
+        xs[l + 1] *= alpha
+        a *= beta
+        xs[l + 1] += a                                     # x_{l+1} = alpha O_l x_l + beta phi(y_l)
     return xs[L], (xs, ds, O, W, alpha, beta)
 
 
@@ -170,19 +174,22 @@ def roa_backward(delta, cache):
 
         J_l = d x_{l+1} / d x_l = alpha O_l + beta diag(d_l) W_l,
 
-    and keeps beta d_l * delta_{l+1} for every layer, from which all
-    weight gradients are read off afterwards in one batched product (eq 3).
+    and keeps beta d_l * delta_{l+1} for every layer, written over d_l in
+    the cache (a cache serves one backward pass); all weight gradients are
+    read off it afterwards in one batched product (eq 3).
     Returns dL/dx_0 (B, N), dL/dW (L, N, N), dL/db (L, N).
     """
     xs, ds, O, W, alpha, beta = cache
-    xp = get_array_module(delta)
     L = W.shape[0]
-    dy = xp.empty_like(ds)
     for l in reversed(range(L)):
-        dy[l] = beta * ds[l] * delta                       # beta diag(d_l) delta_{l+1}
-        delta = alpha * (delta @ O[l]) + dy[l] @ W[l]      # eq (7'): delta_l = J_l^T delta_{l+1}
-    dW = dy.transpose(0, 2, 1) @ xs[:L]                    # eq (3): beta (d_l * delta_{l+1}) x_l^T
-    db = dy.sum(axis=1)                                    # eq (3) without the outer product
+        dy = ds[l]
+        dy *= delta
+        dy *= beta                                         # beta diag(d_l) delta_{l+1}
+        delta = delta @ O[l]
+        delta *= alpha
+        delta += dy @ W[l]                                 # eq (7'): delta_l = J_l^T delta_{l+1}
+    dW = ds.transpose(0, 2, 1) @ xs[:L]                    # eq (3): beta (d_l * delta_{l+1}) x_l^T
+    db = ds.sum(axis=1)                                    # eq (3) without the outer product
     return delta, dW, db
 
 

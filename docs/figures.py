@@ -1,0 +1,173 @@
+"""docs/figures.py -- the pictures of docs/RESULTS.md, computed by the engine itself.
+
+    python -m pip install -r requirements-plots.txt
+    python docs/figures.py                               # figures 1-3 at initialisation
+    python docs/figures.py --trained runs/deep.npz       # figure 3 also after training (a deepmlp checkpoint)
+    python docs/figures.py --curves runs/*.jsonl         # figure 4: learning curves from --metrics logs
+
+Writes PNG files into docs/figures/:
+1. gradient_vs_depth.png: the norm of dL/dW_l reaching each layer l of a
+   deep roaFNN and of the plain MLP of the same depth, at initialisation;
+2. gradient_vs_lag.png: the largest and smallest singular value of
+   d h_T / d h_{T-k} against the lag k, roaRNN against vanilla RNN, with
+   the bounds of MATH.md section 4;
+3. jacobian_singular_values.png: every singular value of the roaFNN's
+   input-output Jacobian, at initialisation (and after training), inside
+   the section 4 bounds;
+4. learning_curves.png: validation metric against step for each log.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import autograd as ag  # noqa: E402
+import roa  # noqa: E402
+
+TINY = 1e-300           # where a norm that underflowed to 0 is drawn on a log axis
+
+
+def pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        sys.exit("figures.py needs matplotlib, an optional extra: pip install -r requirements-plots.txt")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def layer_gradient_norms(depth, alpha, beta, seed=0):
+    """||dL/dW_l|| for every layer of a fresh roaFNN (width 64, batch 64, Gaussian inputs), float64."""
+    model = roa.RoaFNN(784, 10, 64, depth, alpha, beta, dtype="float64", seed=seed)
+    rng = numpy.random.default_rng(seed)
+    z, cache = model.forward(rng.standard_normal((64, 784)))
+    _, dz = ag.softmax_cross_entropy(z, rng.integers(0, 10, 64))
+    return numpy.linalg.norm(model.backward(dz, cache)["W"], axis=(1, 2))
+
+
+def figure_depth(plt, depth, out):
+    layers = numpy.arange(1, depth + 1)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, alpha, beta in ((f"roaFNN, alpha 1, beta {5 / depth:g}", 1.0, 5 / depth),
+                               ("plain MLP, alpha 0, beta 1", 0.0, 1.0)):
+        norms = layer_gradient_norms(depth, alpha, beta)
+        zero = norms == 0
+        ax.loglog(layers, numpy.where(zero, TINY, norms), label=label + (f" ({zero.sum()} layers exactly 0)"
+                                                                          if zero.any() else ""))
+    ax.set(xlabel="layer l", ylabel="||dL/dW_l|| at initialisation",
+           title=f"Gradient reaching each layer, depth {depth:,} (width 64, tanh, float64)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def figure_lag(plt, T, out):
+    N, act = 64, ag.ACTIVATIONS["tanh"]
+    rng = numpy.random.default_rng(0)
+    u = rng.uniform(size=(T, 2))
+    lags = numpy.unique(numpy.geomspace(1, T, 25).astype(int))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, alpha, beta in (("roaRNN, alpha 1, beta 0.1", 1.0, 0.1), ("vanilla RNN, alpha 0, beta 1", 0.0, 1.0)):
+        model = roa.RoaRNN(2, 1, N, alpha, beta, seed=0)
+        p = model.params
+        hs, _ = ag.rnn_forward(u[:, None, :], numpy.zeros((1, N)), model.O, p["W"], p["U"], p["b"], alpha, beta, act)
+        states = numpy.concatenate([numpy.zeros((1, N)), hs[:, 0]])          # h_0 .. h_T
+        s = numpy.array([numpy.linalg.svd(ag.rnn_jacobian(u[T - k:], states[T - k], model.O, p["W"], p["U"], p["b"],
+                                                          alpha, beta, act), compute_uv=False)[[0, -1]]
+                         for k in lags])
+        line, = ax.loglog(lags, numpy.maximum(s[:, 0], TINY), label=f"{label}: largest")
+        ax.loglog(lags, numpy.maximum(s[:, 1], TINY), "--", color=line.get_color(), label=f"{label}: smallest")
+        if alpha > 0:
+            w = numpy.linalg.norm(p["W"], 2)
+            ax.fill_between(lags, numpy.maximum((alpha - beta * w) ** lags, TINY), (alpha + beta * w) ** lags,
+                            color=line.get_color(), alpha=0.1, label="section 4 bounds (roaRNN)")
+    ax.set(xlabel="lag k = T - t", ylabel="singular values of d h_T / d h_t",
+           title=f"Gradient through time at initialisation (N {N}, T {T:,})", ylim=(1e-30, 1e30))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def jacobian_and_bounds(model):
+    """Singular values of the engine's d x_L / d x_0 at a Gaussian x_0, and the
+    data-independent bounds prod(alpha -/+ beta gamma ||W_l||)."""
+    p = {k: ag.to_numpy(v).astype(numpy.float64) for k, v in model.params.items()}
+    O = ag.to_numpy(model.O).astype(numpy.float64)
+    x0 = numpy.random.default_rng(1).standard_normal(O.shape[-1])
+    s = numpy.linalg.svd(ag.roa_jacobian(x0, O, p["W"], p["b"], model.alpha, model.beta, model.act),
+                         compute_uv=False)
+    norms = model.act.gamma * numpy.linalg.norm(p["W"], 2, axis=(1, 2))
+    lower = numpy.prod(model.alpha - model.beta * norms) if numpy.all(model.alpha > model.beta * norms) else 0
+    return s, lower, numpy.prod(model.alpha + model.beta * norms)
+
+
+def figure_singular_values(plt, depth, trained, out):
+    """With a trained checkpoint, the initial model is that run's own model at step 0."""
+    shape = dict(width=64, depth=depth, alpha=1.0, beta=5 / depth, activation="tanh", dtype="float64", seed=0)
+    if trained:
+        config, step, params, optim, filters = roa.load_checkpoint(trained)
+        shape = dict(width=config["hidden"], depth=config["depth"], alpha=config["alpha"], beta=config["beta"],
+                     activation=config["activation"], dtype=config["dtype"], seed=config["seed"])
+    models = [("at initialisation", roa.RoaFNN(784, 10, **shape))]
+    if trained:
+        model = roa.RoaFNN(784, 10, **shape)
+        roa.restore(model, ag.SGD(1.0), trained, params, {}, filters)
+        models.append((f"after {step} training steps", model))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (label, model) in enumerate(models):
+        s, lower, upper = jacobian_and_bounds(model)
+        dots = ax.plot(numpy.arange(len(s)), s, "o", ms=3, label=f"{label}, L {model.O.shape[0]:,}")[0]
+        ax.axhline(upper, color=dots.get_color(), ls="--", lw=1, label=f"bounds: {lower:.3g} .. {upper:.3g}")
+        ax.axhline(max(lower, 1e-3), color=dots.get_color(), ls="--", lw=1)
+    ax.set(yscale="log", xlabel="index", ylabel="singular value of d x_L / d x_0",
+           title="roaFNN input-output Jacobian against the section 4 bounds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def figure_curves(plt, logs, out):
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
+    for path in logs:
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        steps = [r["step"] for r in rows]
+        label = os.path.splitext(os.path.basename(path))[0]
+        ax_loss.plot(steps, [r["val_loss"] for r in rows], label=label)
+        ax_metric.plot(steps, [r["val_metric"] for r in rows], label=label)
+    ax_loss.set(xlabel="step", ylabel="validation loss", yscale="log")
+    ax_metric.set(xlabel="step", ylabel="validation metric (MSE or accuracy)")
+    ax_metric.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--depth", type=int, default=50000, help="depth of figure 1 (default 50,000)")
+    p.add_argument("--jacobian-depth", type=int, default=1000, help="depth of figure 3 at initialisation")
+    p.add_argument("--lag", type=int, default=10000, help="longest lag of figure 2 (default 10,000)")
+    p.add_argument("--trained", help="a deepmlp checkpoint for figure 3")
+    p.add_argument("--curves", nargs="*", default=[], help="--metrics logs for figure 4")
+    p.add_argument("--out", default=os.path.join(HERE, "figures"))
+    args = p.parse_args()
+    plt = pyplot()
+    os.makedirs(args.out, exist_ok=True)
+    figure_depth(plt, args.depth, os.path.join(args.out, "gradient_vs_depth.png"))
+    figure_lag(plt, args.lag, os.path.join(args.out, "gradient_vs_lag.png"))
+    figure_singular_values(plt, args.jacobian_depth, args.trained,
+                           os.path.join(args.out, "jacobian_singular_values.png"))
+    if args.curves:
+        figure_curves(plt, args.curves, os.path.join(args.out, "learning_curves.png"))
+    print(f"figures written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
