@@ -78,6 +78,27 @@ class Task:
         return a > b if self.higher_is_better else a < b
 
 
+class Synthetic(Task):
+    """A task whose sequences a seeded generator `make_batch(rng, T, B)` draws
+    without end: fixed validation and test sets, and training batches that
+    depend on (seed, step) alone."""
+    make_batch = None
+
+    def __init__(self, T):
+        self.T = T
+
+    @functools.cached_property
+    def validation(self):
+        return self.make_batch(heldout_rng(1), self.T, HELD_OUT)
+
+    @functools.cached_property
+    def test(self):
+        return self.make_batch(heldout_rng(2), self.T, HELD_OUT)
+
+    def train_batch(self, seed, step, B):
+        return self.make_batch(step_rng(seed, step), self.T, B)
+
+
 # -------------------------------------------------------------- adding
 
 def adding_batch(rng, T, B):
@@ -94,28 +115,18 @@ def adding_batch(rng, T, B):
     return u, (u[first, rows, 0] + u[second, rows, 0])[:, None]
 
 
-class Adding(Task):
+class Adding(Synthetic):
     name, n_in, n_out, metric_name = "adding", 2, 1, "MSE"
     baseline = 0.167            # predicting the constant 1 (exactly 1/6)
+    make_batch = staticmethod(adding_batch)
 
     def __init__(self, T):
         if T < 2:
             raise RoaError(f"the adding problem needs a length >= 2, got {T}")
-        self.T = T
-
-    @functools.cached_property
-    def validation(self):
-        return adding_batch(heldout_rng(1), self.T, HELD_OUT)
-
-    @functools.cached_property
-    def test(self):
-        return adding_batch(heldout_rng(2), self.T, HELD_OUT)
+        super().__init__(T)
 
     def input_shape(self, B):
         return (self.T, B, self.n_in)
-
-    def train_batch(self, seed, step, B):
-        return adding_batch(step_rng(seed, step), self.T, B)
 
     def loss(self, z, y):
         return mse_loss(z, y)
@@ -148,30 +159,20 @@ def copy_batch(rng, T, B):
     return numpy.eye(10)[seq], y
 
 
-class Copy(Task):
+class Copy(Synthetic):
     name, n_in, n_out, metric_name = "copy", 10, 9, "recall accuracy"
     readout, y_axis = "every", 1        # a prediction at every step
     higher_is_better = True
+    make_batch = staticmethod(copy_batch)
 
     def __init__(self, T):
         if T < 1:
             raise RoaError(f"the copying task needs a delay >= 1, got {T}")
-        self.T = T
+        super().__init__(T)
         self.baseline = COPY_SYMBOLS * math.log(8) / (T + 20)     # cross-entropy of a memoryless guess
-
-    @functools.cached_property
-    def validation(self):
-        return copy_batch(heldout_rng(1), self.T, HELD_OUT)
-
-    @functools.cached_property
-    def test(self):
-        return copy_batch(heldout_rng(2), self.T, HELD_OUT)
 
     def input_shape(self, B):
         return (self.T + 20, B, self.n_in)
-
-    def train_batch(self, seed, step, B):
-        return copy_batch(step_rng(seed, step), self.T, B)
 
     def loss(self, z, y):
         return softmax_cross_entropy(z, y)
