@@ -327,8 +327,11 @@ class SGD:
         self.lr = lr
 
     def step(self, params, grads):
+        """Update params in place. The gradients are scaled in place too (so a
+        50,000-layer gradient needs no second copy): they are used up."""
         for name, grad in grads.items():
-            params[name] -= self.lr * grad                 # eqs (8)-(9)
+            grad *= self.lr                                # eq (9): dW = -mu dL/dW ...
+            params[name] -= grad                           # eq (8): W(i) = W(i-1) + dW
 
     def state(self):
         return {}

@@ -223,8 +223,9 @@ def train_step(model, task, optimizer, seed, step, batch):
         what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient of {bad} is not finite"
         raise RoaError(f"training stopped at step {step}: {what}; the parameters of step {step - 1} "
                        "and any saved checkpoint are kept. Lower --lr or --beta, or use --dtype float64")
-    optimizer.step(model.params, grads)
-    return loss, float(model.xp.linalg.norm(grads[model.input_layer]))
+    input_grad = float(model.xp.linalg.norm(grads[model.input_layer]))
+    optimizer.step(model.params, grads)                    # (uses the gradients up)
+    return loss, input_grad
 
 
 class Plan(NamedTuple):
