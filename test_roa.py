@@ -19,7 +19,7 @@ import autograd as ag
 import roa
 import tasks
 
-settings.register_profile("ci", max_examples=50, deadline=None, derandomize=True,
+settings.register_profile("ci", max_examples=150, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=100, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
