@@ -55,12 +55,16 @@ def layer_gradient_norms(depth, alpha, beta, seed=0):
 def figure_depth(plt, depth, out):
     layers = numpy.arange(1, depth + 1)
     fig, ax = plt.subplots(figsize=(7, 4))
+    notes = []
     for label, alpha, beta in ((f"roaFNN, alpha 1, beta {5 / depth:g}", 1.0, 5 / depth),
                                ("plain MLP, alpha 0, beta 1", 0.0, 1.0)):
         norms = layer_gradient_norms(depth, alpha, beta)
         zero = norms == 0
-        ax.loglog(layers, numpy.where(zero, TINY, norms), label=label + (f" ({zero.sum()} layers exactly 0)"
-                                                                          if zero.any() else ""))
+        ax.loglog(layers[~zero], norms[~zero], label=label)
+        if zero.any():          # a log axis cannot show 0: say it
+            notes.append(f"{label}: ||dL/dW_l|| is exactly 0 (underflow) in {zero.sum():,} of {depth:,} layers")
+    if notes:
+        ax.text(0.02, 0.04, "\n".join(notes), transform=ax.transAxes, fontsize=8)
     ax.set(xlabel="layer l", ylabel="||dL/dW_l|| at initialisation",
            title=f"Gradient reaching each layer, depth {depth:,} (width 64, tanh, float64)")
     ax.legend()
@@ -86,7 +90,9 @@ def figure_lag(plt, T, out):
         ax.loglog(lags, numpy.maximum(s[:, 1], TINY), "--", color=line.get_color(), label=f"{label}: smallest")
         if alpha > 0:
             w = numpy.linalg.norm(p["W"], 2)
-            ax.fill_between(lags, numpy.maximum((alpha - beta * w) ** lags, TINY), (alpha + beta * w) ** lags,
+            with numpy.errstate(over="ignore"):
+                upper = numpy.minimum((alpha + beta * w) ** lags.astype(float), 1e300)
+            ax.fill_between(lags, numpy.maximum((alpha - beta * w) ** lags, TINY), upper,
                             color=line.get_color(), alpha=0.1, label="section 4 bounds (roaRNN)")
     ax.set(xlabel="lag k = T - t", ylabel="singular values of d h_T / d h_t",
            title=f"Gradient through time at initialisation (N {N}, T {T:,})", ylim=(1e-30, 1e30))
@@ -125,7 +131,8 @@ def figure_singular_values(plt, depth, trained, out):
         s, lower, upper = jacobian_and_bounds(model)
         dots = ax.plot(numpy.arange(len(s)), s, "o", ms=3, label=f"{label}, L {model.O.shape[0]:,}")[0]
         ax.axhline(upper, color=dots.get_color(), ls="--", lw=1, label=f"bounds: {lower:.3g} .. {upper:.3g}")
-        ax.axhline(max(lower, 1e-3), color=dots.get_color(), ls="--", lw=1)
+        if lower > 0:           # with a factor alpha - beta gamma ||W_l|| <= 0 there is no lower bound
+            ax.axhline(lower, color=dots.get_color(), ls="--", lw=1)
     ax.set(yscale="log", xlabel="index", ylabel="singular value of d x_L / d x_0",
            title="roaFNN input-output Jacobian against the section 4 bounds")
     ax.legend(fontsize=8)
