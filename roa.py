@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import math
+import numbers
 import os
 import signal
 import sys
@@ -36,8 +37,12 @@ def require(ok, name, value, allowed):
         raise RoaError(f"{name} must be {allowed}, got {value!r}")
 
 
+def is_number(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def require_size(name, value):
-    require(isinstance(value, (int, numpy.integer)) and not isinstance(value, bool) and value >= 1,
+    require(isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1,
             name, value, "an integer >= 1")
 
 
@@ -46,10 +51,8 @@ class Model:
     the fixed orthogonal filters O and the trained parameters."""
 
     def __init__(self, alpha, beta, activation_name, dtype, seed, device):
-        require(isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0,
-                "alpha", alpha, "a finite number >= 0")
-        require(isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0,
-                "beta", beta, "a finite number > 0")
+        require(is_number(alpha) and math.isfinite(alpha) and alpha >= 0, "alpha", alpha, "a finite number >= 0")
+        require(is_number(beta) and math.isfinite(beta) and beta > 0, "beta", beta, "a finite number > 0")
         require(dtype in DTYPES, "dtype", dtype, f"one of {DTYPES}")
         self.alpha, self.beta = float(alpha), float(beta)
         self.act = activation(activation_name)

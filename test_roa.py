@@ -321,7 +321,8 @@ def test_adam_first_step_is_lr_times_normalised_gradient(lr, scale, seed):
 @pytest.mark.parametrize("change, named", [
     ({"alpha": -0.1}, "alpha"), ({"alpha": float("nan")}, "alpha"), ({"beta": 0.0}, "beta"),
     ({"beta": -1.0}, "beta"), ({"width": 0}, "width"), ({"depth": 0}, "depth"),
-    ({"depth": 2.5}, "depth"), ({"activation": "swish"}, "activation"),
+    ({"depth": 2.5}, "depth"), ({"activation": "swish"}, "activation"), ({"alpha": True}, "alpha"),
+    ({"beta": "0.1"}, "beta"),
     ({"dtype": "float16"}, "dtype"), ({"device": "tpu"}, "device"),
 ])
 def test_bad_model_arguments_raise_a_clear_error(change, named):
