@@ -172,6 +172,7 @@ class RoaRNN(Model):
 # ------------------------------------------------------------ training
 
 EVAL_BYTES = 2**30          # the most that evaluation's forward caches may take at once
+HEARTBEAT_SECONDS = 30      # between progress lines when validation reports are further apart
 
 
 class Interrupted(Exception):
@@ -249,6 +250,7 @@ def train(model, task, optimizer, plan, log=print, save=None, record=None):
     validation metric. Returns (test loss, test metric, step of those parameters)."""
     start, train_seconds, losses = time.time(), 0.0, []
     best = None                 # (validation metric, step, parameters)
+    last_line = start
     with StopOnSigint() as stop:
         for step in range(plan.first + 1, plan.steps + 1):
             tick = time.time()
@@ -256,22 +258,27 @@ def train(model, task, optimizer, plan, log=print, save=None, record=None):
             losses.append(loss)
             train_seconds += time.time() - tick
             done = step - plan.first
+            elapsed = time.time() - start
+            pace = (f"{done * plan.batch / train_seconds:,.0f} ex/s  elapsed {clock(elapsed)}  "
+                    f"ETA {clock(elapsed / done * (plan.steps - step))}")
             if step % plan.eval_every == 0 or step == plan.steps:
                 val_loss, val_metric = evaluate(model, task, task.validation)
-                elapsed = time.time() - start
                 report = dict(step=step, loss=float(numpy.mean(losses)), val_loss=val_loss,
                               val_metric=val_metric, input_grad_norm=input_grad,
                               examples_per_s=done * plan.batch / train_seconds, elapsed_s=elapsed)
                 log(f"step {step:>{len(str(plan.steps))}}/{plan.steps}  loss {report['loss']:.4f}  "
                     f"val loss {val_loss:.4f} (baseline {task.baseline:.3f})  "
                     f"val {task.metric_name} {val_metric:.4f}  |grad {model.input_layer}| {input_grad:.2e}  "
-                    f"{report['examples_per_s']:,.0f} ex/s  "
-                    f"elapsed {clock(elapsed)}  ETA {clock(elapsed / done * (plan.steps - step))}")
+                    + pace)
+                last_line = time.time()
                 if record:
                     record(report)
                 losses = []
                 if best is None or task.better(val_metric, best[0]):
                     best = (val_metric, step, {k: v.copy() for k, v in model.params.items()})
+            elif time.time() - last_line > HEARTBEAT_SECONDS:     # slow steps: say where we are
+                log(f"step {step:>{len(str(plan.steps))}}/{plan.steps}  loss {losses[-1]:.4f}  " + pace)
+                last_line = time.time()
             if save and (step == plan.steps or stop.requested
                          or (plan.save_every and step % plan.save_every == 0)):
                 save(step)
@@ -533,6 +540,9 @@ def main(argv=None):
     except RoaError as err:
         print(f"roa.py: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:                     # output piped into a reader that stopped (| head)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except Interrupted as stop:
         saved = f"saved {args.save}; continue with --resume {args.save}" if args.save else "nothing saved (no --save)"
         print(f"roa.py: interrupted after step {stop.args[0]}: {saved}", file=sys.stderr)

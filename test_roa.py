@@ -729,3 +729,12 @@ def test_every_task_command_runs_end_to_end(task, flags, tmp_path, capsys):
     assert code == 0, err
     assert f"roa: {task}: test" in out
     assert saved_params(path)[0] == 3
+
+
+def test_slow_runs_print_progress_between_reports(monkeypatch, capsys):
+    """Steps slower than the heartbeat get a progress line each, validation or not."""
+    monkeypatch.setattr(roa, "HEARTBEAT_SECONDS", 0)
+    code, _, out = run_cli(TINY + ["--eval-every", "10"], capsys)
+    lines = [line for line in out.splitlines() if line.startswith("step")]
+    assert code == 0 and len(lines) == 10
+    assert sum("val loss" in line for line in lines) == 1 and all("ETA" in line for line in lines)
