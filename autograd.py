@@ -276,8 +276,8 @@ def rnn_jacobian(u, h0, O, W, U, b, alpha, beta, act):
     repeated N times and the gradient I sent into h_T, row i of the returned
     dL/dh_0 is (d h_T / d h_0)^T e_i, row i of the Jacobian."""
     xp = get_array_module(u)
-    n, T = h0.shape[0], u.shape[0]
-    hs, cache = rnn_forward(xp.repeat(u[:, None, :], n, axis=1), xp.tile(h0, (n, 1)),
+    n = h0.shape[0]
+    _, cache = rnn_forward(xp.repeat(u[:, None, :], n, axis=1), xp.tile(h0, (n, 1)),
                             O, W, U, b, alpha, beta, act)
     J, _, _, _ = rnn_backward(xp.eye(n, dtype=u.dtype)[None], cache)    # the loss sees h_T alone
     return J

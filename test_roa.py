@@ -7,8 +7,8 @@ Each test states the property of MATH.md it checks.
 import json
 import os
 import signal
-import tempfile
 import sys
+import tempfile
 
 import numpy
 import pytest
