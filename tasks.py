@@ -356,7 +356,7 @@ class PsMNIST(MNIST):
 
 class DeepMNIST(MNIST):
     """MNIST images flattened to 784 inputs, for the extremely deep roaFNN."""
-    name, n_in, T = "deepmlp", 28 * 28, 1
+    name, n_in = "deepmlp", 28 * 28
     model, u_axis = "fnn", 0
 
     def input_shape(self, B):
