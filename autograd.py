@@ -75,27 +75,52 @@ def to_numpy(a):
 # ---------------------------------------------------------- activations
 
 class Activation(NamedTuple):
-    phi: Callable    # y -> phi(y), element-wise                    (eq 2)
-    dphi: Callable   # (y, phi(y)) -> phi'(y), element-wise          (eq 4)
+    phi: Callable    # phi(y): overwrites y with phi(y), element-wise   (eq 2)
+    dphi: Callable   # dphi(a, out): writes phi'(y) into out, from a = phi(y)   (eq 4)
     gamma: float     # sup |phi'|, used by the bounds of MATH.md section 4
+
+# The layers below work in place (no temporaries in the inner loops), so phi
+# overwrites its argument, and phi' is computed from phi(y) alone, which all
+# three activations allow: tanh' = 1 - tanh^2, relu' = [relu > 0],
+# sigmoid' = sigmoid (1 - sigmoid).
 
 
 def _tanh(y):
-    return get_array_module(y).tanh(y)
+    get_array_module(y).tanh(y, out=y)
+
+
+def _tanh_prime(a, out):
+    xp = get_array_module(a)
+    xp.multiply(a, a, out=out)
+    xp.subtract(1, out, out=out)                       # 1 - tanh(y)^2
 
 
 def _relu(y):
-    return get_array_module(y).maximum(y, 0)
+    get_array_module(y).maximum(y, 0, out=y)
+
+
+def _relu_prime(a, out):
+    get_array_module(a).greater(a, 0, out=out)         # 1 where y > 0, else 0
 
 
 def _sigmoid(y):
-    return 0.5 * (1 + get_array_module(y).tanh(0.5 * y))   # 1 / (1 + e^-y), without overflow
+    xp = get_array_module(y)                           # 1 / (1 + e^-y) = (1 + tanh(y / 2)) / 2,
+    y *= 0.5                                           # which cannot overflow
+    xp.tanh(y, out=y)
+    y += 1
+    y *= 0.5
+
+
+def _sigmoid_prime(a, out):
+    xp = get_array_module(a)
+    xp.multiply(a, a, out=out)
+    xp.subtract(a, out, out=out)                       # sigmoid(y) (1 - sigmoid(y))
 
 
 ACTIVATIONS = {
-    "tanh": Activation(_tanh, lambda y, a: 1 - a * a, 1.0),
-    "relu": Activation(_relu, lambda y, a: (y > 0).astype(y.dtype), 1.0),
-    "sigmoid": Activation(_sigmoid, lambda y, a: a * (1 - a), 0.25),
+    "tanh": Activation(_tanh, _tanh_prime, 1.0),
+    "relu": Activation(_relu, _relu_prime, 1.0),
+    "sigmoid": Activation(_sigmoid, _sigmoid_prime, 0.25),
 }
 
 
@@ -139,30 +164,43 @@ def linear_backward(dy, cache):
     return dy @ W, dW, dy_rows.sum(axis=0)
 
 
-def roa_forward(x, O, W, b, alpha, beta, act):
+def stack_WO(W, O, alpha):
+    """W stacked on alpha O along the rows: (..., 2N, N) from W, O (..., N, N).
+
+    The layers below take their weights in this form, so that one matrix
+    product gives both W x and alpha O x (forward), and one gives
+    W^T dy + alpha O^T delta (backward). The models keep it as their storage,
+    their parameter W being a view of its top half.
+    """
+    xp = get_array_module(W)
+    return xp.concatenate([W, alpha * O], axis=-2)
+
+
+def roa_forward(x, WO, b, beta, act):
     """L random orthogonal additive layers (MATH.md section 2):
 
         x_{l+1} = alpha O_l x_l + beta phi(W_l x_l + b_l),   l = 0 .. L-1.
 
-    x: (B, N) is x_0; O and W: (L, N, N); b: (L, N). With alpha = 0 and
-    beta = 1 this is the plain multilayer perceptron, eqs (1)-(2).
+    x: (B, N) is x_0; WO: (L, 2N, N), W_l stacked on alpha O_l (stack_WO);
+    b: (L, N). With alpha = 0 and beta = 1 this is the plain multilayer
+    perceptron, eqs (1)-(2).
     Returns x_L and a cache holding every x_l and every d_l = phi'(y_l).
     """
     xp = get_array_module(x)
-    L = W.shape[0]
+    L, N = b.shape
     xs = xp.empty((L + 1,) + x.shape, x.dtype)
     ds = xp.empty((L,) + x.shape, x.dtype)
+    both = xp.empty((x.shape[0], 2 * N), x.dtype)
+    y, filtered = both[:, :N], both[:, N:]                 # [W_l x_l | alpha O_l x_l]
     xs[0] = x
     for l in range(L):
-        y = xs[l] @ W[l].T
+        xp.matmul(xs[l], WO[l].T, out=both)                # W_l x_l and alpha O_l x_l, one product
         y += b[l]                                          # eq (1): y_l = W_l x_l + b_l
-        a = act.phi(y)                                     # eq (2)
-        ds[l] = act.dphi(y, a)                             # eq (4): d_l = phi'(y_l)
-        xp.matmul(xs[l], O[l].T, out=xs[l + 1])
-        xs[l + 1] *= alpha
-        a *= beta
-        xs[l + 1] += a                                     # x_{l+1} = alpha O_l x_l + beta phi(y_l)
-    return xs[L], (xs, ds, O, W, alpha, beta)
+        act.phi(y)                                         # eq (2), in place: y holds phi(y_l) now
+        act.dphi(y, out=ds[l])                             # eq (4): d_l = phi'(y_l)
+        y *= beta
+        xp.add(filtered, y, out=xs[l + 1])                 # x_{l+1} = alpha O_l x_l + beta phi(y_l)
+    return xs[L], (xs, ds, WO, beta)
 
 
 def roa_backward(delta, cache):
@@ -174,62 +212,66 @@ def roa_backward(delta, cache):
 
         J_l = d x_{l+1} / d x_l = alpha O_l + beta diag(d_l) W_l,
 
-    and keeps beta d_l * delta_{l+1} for every layer, written over d_l in
-    the cache (a cache serves one backward pass); all weight gradients are
-    read off it afterwards in one batched product (eq 3).
+    as one product: [beta d_l * delta_{l+1} | delta_{l+1}] @ [W_l ; alpha O_l].
+    It keeps d_l * delta_{l+1}, written over d_l in the cache (a cache serves
+    one backward pass), and reads all weight gradients off it afterwards in
+    one batched product (eq 3).
     Returns dL/dx_0 (B, N), dL/dW (L, N, N), dL/db (L, N).
     """
-    xs, ds, O, W, alpha, beta = cache
-    L = W.shape[0]
+    xs, ds, WO, beta = cache
+    xp = get_array_module(delta)
+    L, B, N = ds.shape
+    now, down = (xp.empty((B, 2 * N), ds.dtype) for _ in range(2))
+    now[:, N:] = delta                                     # now: [beta d_l * delta_{l+1} | delta_{l+1}]
     for l in reversed(range(L)):
-        dy = ds[l]
-        dy *= delta
-        dy *= beta                                         # beta diag(d_l) delta_{l+1}
-        delta = delta @ O[l]
-        delta *= alpha
-        delta += dy @ W[l]                                 # eq (7'): delta_l = J_l^T delta_{l+1}
+        ds[l] *= now[:, N:]                                # d_l * delta_{l+1}, kept for dW
+        xp.multiply(ds[l], beta, out=now[:, :N])           # beta diag(d_l) delta_{l+1}
+        xp.matmul(now, WO[l], out=down[:, N:])             # eq (7'): delta_l = J_l^T delta_{l+1}
+        now, down = down, now
     dW = ds.transpose(0, 2, 1) @ xs[:L]                    # eq (3): beta (d_l * delta_{l+1}) x_l^T
-    db = ds.sum(axis=1)                                    # eq (3) without the outer product
-    return delta, dW, db
+    dW *= beta
+    db = beta * ds.sum(axis=1)                             # eq (3) without the outer product
+    return now[:, N:].copy(), dW, db
 
 
-def roa_jacobian(x, O, W, b, alpha, beta, act):
+def roa_jacobian(x, WO, b, beta, act):
     """The input-output Jacobian d x_L / d x_0 (N, N) of roa_forward at one
     input x (N,), computed by roa_backward itself: with x repeated N times
     and delta = I, row i of the returned dL/dx_0 is J^T e_i, row i of J."""
     xp = get_array_module(x)
     n = x.shape[0]
-    _, cache = roa_forward(xp.tile(x, (n, 1)), O, W, b, alpha, beta, act)
+    _, cache = roa_forward(xp.tile(x, (n, 1)), WO, b, beta, act)
     J, _, _ = roa_backward(xp.eye(n, dtype=x.dtype), cache)
     return J
 
 
-def rnn_forward(u, h0, O, W, U, b, alpha, beta, act):
+def rnn_forward(u, h0, WO, U, b, beta, act):
     """The roaRNN (MATH.md section 3), time-major:
 
         h_t = alpha O h_{t-1} + beta phi(W h_{t-1} + U u_t + b),  t = 1 .. T.
 
-    u: (T, B, n_in); h0: (B, N). With alpha = 0 and beta = 1 this is the
-    vanilla Elman RNN. Returns h_1 .. h_T as (T, B, N) and the cache.
-    W and O are stacked so that one product per step gives W h and O h.
+    u: (T, B, n_in); h0: (B, N); WO: (2N, N), W stacked on alpha O
+    (stack_WO), so that one product per step gives W h and alpha O h.
+    With alpha = 0 and beta = 1 this is the vanilla Elman RNN.
+    Returns h_1 .. h_T as (T, B, N) and the cache.
     """
     xp = get_array_module(u)
-    T, N = u.shape[0], W.shape[0]
-    WO_T = xp.concatenate([W, O]).T        # h @ WO_T = [W h | O h]
+    T, N = u.shape[0], b.shape[0]
     hs = xp.empty((T + 1,) + h0.shape, u.dtype)
     ds = xp.empty((T,) + h0.shape, u.dtype)
+    both = xp.empty((h0.shape[0], 2 * N), u.dtype)
+    a, filtered = both[:, :N], both[:, N:]                 # [W h_{t-1} | alpha O h_{t-1}]
     hs[0] = h0
     xp.matmul(u, U.T, out=hs[1:])          # U u_t + b for every t: one product before the loop,
     hs[1:] += b                            # held in hs[t] until h_t overwrites it
     for t in range(1, T + 1):              # hs[t] = h_t; ds[t-1] = phi'(a_t)
-        Wh_Oh = hs[t - 1] @ WO_T
-        a = Wh_Oh[:, :N]
+        xp.matmul(hs[t - 1], WO.T, out=both)
         a += hs[t]                                         # a_t = W h_{t-1} + U u_t + b
-        z = act.phi(a)
-        ds[t - 1] = act.dphi(a, z)
-        xp.multiply(Wh_Oh[:, N:], alpha, out=hs[t])
-        hs[t] += beta * z                                  # h_t = alpha O h_{t-1} + beta phi(a_t)
-    return hs[1:], (u, hs, ds, O, W, alpha, beta)
+        act.phi(a)                                         # in place: a holds phi(a_t) now
+        act.dphi(a, out=ds[t - 1])
+        a *= beta
+        xp.add(filtered, a, out=hs[t])                     # h_t = alpha O h_{t-1} + beta phi(a_t)
+    return hs[1:], (u, hs, ds, WO, beta)
 
 
 def rnn_backward(dhs, cache):
@@ -243,42 +285,41 @@ def rnn_backward(dhs, cache):
         dz_t     = beta g_t * phi'(a_t)
         g_{t-1}  = alpha O^T g_t + W^T dz_t   (+ the loss's own gradient at h_{t-1})
 
-    and the weight gradients are one matrix product each over all
-    (t, batch) pairs afterwards. dz_t is written over phi'(a_t) in the
-    cache, which it replaces: a cache serves one backward pass.
+    the second as one product, [dz_t | g_t] @ [W ; alpha O]. The weight
+    gradients are one matrix product each over all (t, batch) pairs
+    afterwards, read off g_t * phi'(a_t), which is written over phi'(a_t) in
+    the cache (a cache serves one backward pass).
     Returns dL/dh_0, dW, dU, db.
     """
-    u, hs, ds, O, W, alpha, beta = cache
+    u, hs, ds, WO, beta = cache
     xp = get_array_module(dhs)
     T, B, N = ds.shape
     first_seen = T - dhs.shape[0]                     # h_t with t > first_seen feed the loss directly
-    OW = xp.concatenate([O, W])                       # [alpha g | dz] @ OW = alpha O^T g + W^T dz
-    g_dz = xp.zeros((B, 2 * N), ds.dtype)
-    g, dz = g_dz[:, :N], g_dz[:, N:]
+    now, down = (xp.zeros((B, 2 * N), ds.dtype) for _ in range(2))    # now: [dz_t | g_t]
     for t in range(T, 0, -1):
         if t > first_seen:
-            g += dhs[t - 1 - first_seen]                   # the loss's gradient at h_t
-        xp.multiply(ds[t - 1], g, out=dz)
-        dz *= beta                                         # dz_t = beta g_t * phi'(a_t)
-        ds[t - 1] = dz                                     # kept for the weight gradients
-        g *= alpha
-        g[...] = g_dz @ OW                                 # g_{t-1} = alpha O^T g_t + W^T dz_t
+            now[:, N:] += dhs[t - 1 - first_seen]          # the loss's gradient at h_t
+        ds[t - 1] *= now[:, N:]                            # g_t * phi'(a_t), kept for the weight gradients
+        xp.multiply(ds[t - 1], beta, out=now[:, :N])       # dz_t = beta g_t * phi'(a_t)
+        xp.matmul(now, WO, out=down[:, N:])                # g_{t-1} = W^T dz_t + alpha O^T g_t
+        now, down = down, now
     dz_rows = ds.reshape(T * B, N)
     dW = dz_rows.T @ hs[:T].reshape(T * B, N)              # sum_t dz_t h_{t-1}^T
     dU = dz_rows.T @ u.reshape(T * B, -1)                  # sum_t dz_t u_t^T
     db = dz_rows.sum(axis=0)                               # sum_t dz_t
-    return g.copy(), dW, dU, db
+    for grad in (dW, dU, db):
+        grad *= beta                                       # (the rows held g_t * phi'(a_t))
+    return now[:, N:].copy(), dW, dU, db
 
 
-def rnn_jacobian(u, h0, O, W, U, b, alpha, beta, act):
+def rnn_jacobian(u, h0, WO, U, b, beta, act):
     """d h_T / d h_0 (N, N) of rnn_forward for one sequence u: (T, n_in) from
     the state h0: (N,), computed by rnn_backward itself: with the sequence
     repeated N times and the gradient I sent into h_T, row i of the returned
     dL/dh_0 is (d h_T / d h_0)^T e_i, row i of the Jacobian."""
     xp = get_array_module(u)
     n = h0.shape[0]
-    _, cache = rnn_forward(xp.repeat(u[:, None, :], n, axis=1), xp.tile(h0, (n, 1)),
-                            O, W, U, b, alpha, beta, act)
+    _, cache = rnn_forward(xp.repeat(u[:, None, :], n, axis=1), xp.tile(h0, (n, 1)), WO, U, b, beta, act)
     J, _, _, _ = rnn_backward(xp.eye(n, dtype=u.dtype)[None], cache)    # the loss sees h_T alone
     return J
 

@@ -25,7 +25,7 @@ import numpy
 
 from autograd import (ACTIVATIONS, SGD, Adam, RoaError, activation, array_module, free_memory,
                       linear_backward, linear_forward, random_orthogonal, roa_backward, roa_forward,
-                      rnn_backward, rnn_forward, to_numpy)
+                      rnn_backward, rnn_forward, stack_WO, to_numpy)
 from tasks import MNIST, Adding, Copy, DeepMNIST, PsMNIST, on_device
 
 DTYPES = ("float32", "float64")
@@ -68,6 +68,20 @@ class Model:
         """A dict of NumPy arrays as arrays of this model's module and dtype."""
         return {name: self.xp.asarray(a, dtype=self.dtype) for name, a in arrays.items()}
 
+    def store_filters(self, W, O):
+        """Keep W stacked on alpha O (autograd.stack_WO), the form the layers
+        take; the parameter W becomes a view of its top half, so that the
+        optimiser's in-place updates reach the layers."""
+        self.filters = filter_fingerprint(O)
+        W, O = self.to_device({"W": W, "O": O}).values()
+        self.WO = stack_WO(W, O, self.alpha)
+        self.params["W"] = self.WO[..., :W.shape[-2], :]
+
+    def set_params(self, arrays):
+        """Copy arrays (NumPy or of this module) into the parameters, in place."""
+        for name, a in arrays.items():
+            self.params[name][...] = self.xp.asarray(a)
+
 
 class RoaFNN(Model):
     """Input projection, L roa layers of width N, linear readout:
@@ -86,24 +100,22 @@ class RoaFNN(Model):
             require_size(name, value)
         super().__init__(alpha, beta, activation, dtype, seed, device)
         N, L = width, depth
-        self.params = self.to_device({
-            "W_in": self.gaussian((N, n_in), n_in), "b_in": numpy.zeros(N),
-            "W": self.gaussian((L, N, N), N), "b": numpy.zeros((L, N)),
-            "V": self.gaussian((n_out, N), N), "c": numpy.zeros(n_out),
-        })
-        self.O = self.to_device({"O": random_orthogonal(self.rng, N, L)})["O"]
+        W_in, W, V = self.gaussian((N, n_in), n_in), self.gaussian((L, N, N), N), self.gaussian((n_out, N), N)
+        self.params = self.to_device({"W_in": W_in, "b_in": numpy.zeros(N), "b": numpy.zeros((L, N)),
+                                      "V": V, "c": numpy.zeros(n_out)})
+        self.store_filters(W, random_orthogonal(self.rng, N, L))
 
     def kept_bytes(self, u_shape):
-        """Bytes of the arrays kept for backprop (x_l, d_l, and beta d_l delta_{l+1})
-        for inputs of shape u_shape = (B, n_in)."""
-        L, N = self.O.shape[:2]
-        return (3 * L + 1) * u_shape[0] * N * numpy.dtype(self.dtype).itemsize
+        """Bytes of the arrays kept for backprop (every x_l and d_l) for
+        inputs of shape u_shape = (B, n_in)."""
+        L, N = self.params["b"].shape
+        return (2 * L + 1) * u_shape[0] * N * numpy.dtype(self.dtype).itemsize
 
     def forward(self, u):
         """u: (B, n_in) -> scores z: (B, n_out), and the cache for backward."""
         p = self.params
         x0, in_cache = linear_forward(u, p["W_in"], p["b_in"])
-        xL, roa_cache = roa_forward(x0, self.O, p["W"], p["b"], self.alpha, self.beta, self.act)
+        xL, roa_cache = roa_forward(x0, self.WO, p["b"], self.beta, self.act)
         z, out_cache = linear_forward(xL, p["V"], p["c"])
         return z, (in_cache, roa_cache, out_cache)
 
@@ -139,23 +151,21 @@ class RoaRNN(Model):
         super().__init__(alpha, beta, activation, dtype, seed, device)
         N = hidden
         self.readout = readout
-        self.params = self.to_device({
-            "W": self.gaussian((N, N), N), "U": self.gaussian((N, n_in), n_in), "b": numpy.zeros(N),
-            "V": self.gaussian((n_out, N), N), "c": numpy.zeros(n_out),
-        })
-        self.O = self.to_device({"O": random_orthogonal(self.rng, N, 1)[0]})["O"]
+        W, U, V = self.gaussian((N, N), N), self.gaussian((N, n_in), n_in), self.gaussian((n_out, N), N)
+        self.params = self.to_device({"U": U, "b": numpy.zeros(N), "V": V, "c": numpy.zeros(n_out)})
+        self.store_filters(W, random_orthogonal(self.rng, N, 1)[0])
 
     def kept_bytes(self, u_shape):
-        """Bytes of the arrays kept for BPTT (h_t, phi'(a_t), and dz_t) for
+        """Bytes of the arrays kept for BPTT (every h_t and phi'(a_t)) for
         inputs of shape u_shape = (T, B, n_in)."""
-        T, B, N = u_shape[0], u_shape[1], self.O.shape[0]
-        return (3 * T + 1) * B * N * numpy.dtype(self.dtype).itemsize
+        T, B, N = u_shape[0], u_shape[1], self.params["b"].shape[0]
+        return (2 * T + 1) * B * N * numpy.dtype(self.dtype).itemsize
 
     def forward(self, u):
         """u: (T, B, n_in) -> z: (B, n_out) or (T, B, n_out), and the cache."""
         p = self.params
-        h0 = self.xp.zeros((u.shape[1], p["W"].shape[0]), dtype=u.dtype)
-        hs, rnn_cache = rnn_forward(u, h0, self.O, p["W"], p["U"], p["b"], self.alpha, self.beta, self.act)
+        h0 = self.xp.zeros((u.shape[1], p["b"].shape[0]), dtype=u.dtype)
+        hs, rnn_cache = rnn_forward(u, h0, self.WO, p["U"], p["b"], self.beta, self.act)
         z, out_cache = linear_forward(hs[-1] if self.readout == "last" else hs, p["V"], p["c"])
         return z, (rnn_cache, out_cache)
 
@@ -285,9 +295,10 @@ def train(model, task, optimizer, plan, log=print, save=None, record=None):
             if stop.requested:
                 raise Interrupted(step)
     _, best_step, best_params = best
-    trained, model.params = model.params, best_params
+    trained = {k: v.copy() for k, v in model.params.items()}
+    model.set_params(best_params)
     test_loss, test_metric = evaluate(model, task, task.test)
-    model.params = trained
+    model.set_params(trained)
     return test_loss, test_metric, best_step
 
 
@@ -305,7 +316,7 @@ def save_checkpoint(path, model, optimizer, step, config):
     arrays = {f"param.{k}": to_numpy(v) for k, v in model.params.items()}
     arrays.update({f"optim.{k}": to_numpy(v) for k, v in optimizer.state().items()})
     arrays.update(step=numpy.array(step), config=numpy.array(json.dumps(config)),
-                  filters=filter_fingerprint(model))
+                  filters=model.filters)
     temporary = path + ".tmp"
     try:
         with open(temporary, "wb") as f:
@@ -320,10 +331,10 @@ def save_checkpoint(path, model, optimizer, step, config):
                        "the previous checkpoint there, if any, is unchanged") from None
 
 
-def filter_fingerprint(model):
-    """A few numbers that identify the fixed orthogonal filters O (which are
-    drawn again from the seed rather than stored)."""
-    O = to_numpy(model.O).reshape(-1, model.O.shape[-1])
+def filter_fingerprint(O):
+    """A few numbers that identify the fixed orthogonal filters O (which a
+    checkpoint does not store: they are drawn again from the seed)."""
+    O = O.reshape(-1, O.shape[-1])
     return numpy.array([O.sum(), (O * O[::-1]).sum(), O[0, 0], O[-1, -1]], dtype=numpy.float64)
 
 
@@ -345,13 +356,13 @@ def load_checkpoint(path):
 def restore(model, optimizer, path, params, optim, filters):
     """Put a checkpoint's arrays into a freshly built model and optimiser,
     after checking that they fit it."""
-    if filters is None or not numpy.allclose(filters, filter_fingerprint(model), rtol=1e-5, atol=1e-6):
+    if filters is None or not numpy.allclose(filters, model.filters, rtol=1e-5, atol=1e-6):
         raise RoaError(f"{path!r}: its orthogonal filters O differ from those drawn from the seed here")
     for name, value in model.params.items():
         if name not in params or params[name].shape != value.shape:
             got = params[name].shape if name in params else "nothing"
             raise RoaError(f"{path!r} holds {got} for parameter {name}, the model needs {value.shape}")
-    model.params = model.to_device(params)
+    model.set_params(params)
     optimizer.load_state({k: a if a.ndim == 0 else model.xp.asarray(a) for k, a in optim.items()})
 
 
@@ -473,8 +484,8 @@ def check_memory(args, task, xp):
     item = numpy.dtype(args.dtype).itemsize
     shape = task.input_shape(args.batch)
     unrolled, layers = (args.depth, args.depth) if task.model == "fnn" else (shape[0], 1)
-    kept = (3 * unrolled + 1) * args.batch * args.hidden * item
-    copies = 6 if args.optimizer == "adam" else 4     # W, its gradient, the best W so far (+ m, v)
+    kept = (2 * unrolled + 1) * args.batch * args.hidden * item
+    copies = 6 if args.optimizer == "adam" else 4     # W and O, W's gradient, the best W so far (+ m, v)
     need = kept + copies * layers * args.hidden ** 2 * item + min(EVAL_BYTES, kept)
     free = free_memory(xp)
     if free is not None and need > 0.9 * free:

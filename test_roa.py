@@ -157,6 +157,12 @@ def test_random_orthogonal_is_haar_not_plain_qr():
 
 # ------------------------------------- 3. engine Jacobian = product of (7')
 
+def phi_of(name, y):
+    """phi(y), written out independently of the engine's activations."""
+    return {"tanh": numpy.tanh, "relu": lambda y: numpy.maximum(y, 0),
+            "sigmoid": lambda y: 1 / (1 + numpy.exp(-y))}[name](y)
+
+
 def phi_prime(name, y):
     """phi'(y), written out independently of the engine's derivatives."""
     if name == "tanh":
@@ -180,15 +186,14 @@ def test_engine_jacobian_equals_product_of_layer_jacobians(N, L, alpha, beta, ac
     rng = numpy.random.default_rng(seed)
     O, W, b = random_stack(rng, N, L, gain)
     x = rng.standard_normal(N)
-    phi = ag.ACTIVATIONS[act].phi
     product, x_l = numpy.eye(N), x
     for l in range(L):
         y = W[l] @ x_l + b[l]
         assume(act != "relu" or numpy.abs(y).min() > 1e-9)
         J_l = alpha * O[l] + beta * numpy.diag(phi_prime(act, y)) @ W[l]        # eq (7')
         product = J_l @ product                                                 # eq (6)
-        x_l = alpha * O[l] @ x_l + beta * phi(y)
-    J = ag.roa_jacobian(x, O, W, b, alpha, beta, ag.ACTIVATIONS[act])
+        x_l = alpha * O[l] @ x_l + beta * phi_of(act, y)
+    J = ag.roa_jacobian(x, ag.stack_WO(W, O, alpha), b, beta, ag.ACTIVATIONS[act])
     assert numpy.abs(J - product).max() <= 1e-10 * max(1.0, numpy.abs(product).max())
 
 
@@ -224,14 +229,15 @@ def test_singular_values_lie_inside_the_bounds(N, L, alpha, beta, act_name, gain
     O, W, b = random_stack(rng, N, L, gain)
     x = rng.standard_normal(N)
     act = ag.ACTIVATIONS[act_name]
-    _, (xs, ds, *_) = ag.roa_forward(x[None, :], O, W, b, alpha, beta, act)
+    WO = ag.stack_WO(W, O, alpha)
+    _, (xs, ds, *_) = ag.roa_forward(x[None, :], WO, b, beta, act)
     DW = [spectral_norm(ds[l, 0][:, None] * W[l]) for l in range(L)]   # ||diag(d_l) W_l||, data-dependent
     gW = [act.gamma * spectral_norm(W[l]) for l in range(L)]           # gamma ||W_l||, data-independent
     for l in range(L):
-        J_l = ag.roa_jacobian(xs[l, 0], O[l:l + 1], W[l:l + 1], b[l:l + 1], alpha, beta, act)
+        J_l = ag.roa_jacobian(xs[l, 0], WO[l:l + 1], b[l:l + 1], beta, act)
         for norms in (DW, gW):
             assert_within(singular_values(J_l), *product_bounds(alpha, beta, norms[l:l + 1]))
-    s = singular_values(ag.roa_jacobian(x, O, W, b, alpha, beta, act))
+    s = singular_values(ag.roa_jacobian(x, WO, b, beta, act))
     for norms in (DW, gW):
         assert_within(s, *product_bounds(alpha, beta, norms))
 
@@ -255,7 +261,7 @@ def test_jacobian_stays_bounded_at_any_depth(L, c, gain, convex, act_name, seed)
     alpha = 1 - beta if convex else 1.0
     norms = [act.gamma * spectral_norm(W_l) for W_l in W]
     gw = max(norms)                                                    # gamma w
-    s = singular_values(ag.roa_jacobian(rng.standard_normal(N), O, W, b, alpha, beta, act))
+    s = singular_values(ag.roa_jacobian(rng.standard_normal(N), ag.stack_WO(W, O, alpha), b, beta, act))
     lower, upper = product_bounds(alpha, beta, norms)
     assert lower > 0
     assert_within(s, lower, upper)
@@ -275,12 +281,12 @@ def test_plain_mlp_gradient_vanishes_or_explodes_at_depth_1000(gain, vanishes):
     O, W, b = random_stack(rng, N, L, gain)
     x = rng.standard_normal(N)
     tanh = ag.ACTIVATIONS["tanh"]
-    s_plain = singular_values(ag.roa_jacobian(x, O, W, b, 0.0, 1.0, tanh))
+    s_plain = singular_values(ag.roa_jacobian(x, ag.stack_WO(W, O, 0.0), b, 1.0, tanh))
     if vanishes:
         assert s_plain.max() < 1e-6
     else:
         assert s_plain.min() > 1e6
-    s_roa = singular_values(ag.roa_jacobian(x, O, W, b, 1.0, 1.0 / L, tanh))
+    s_roa = singular_values(ag.roa_jacobian(x, ag.stack_WO(W, O, 1.0), b, 1.0 / L, tanh))
     lower, upper = product_bounds(1.0, 1.0 / L, [spectral_norm(W_l) for W_l in W])
     assert lower > 1e-3 and upper < 1e3
     assert_within(s_roa, lower, upper)
@@ -386,7 +392,7 @@ def rnn_preactivations_clear_of_kink(model, u):
     """Every a_t = W h_{t-1} + U u_t + b is at least 1e-3 away from 0."""
     p = model.params
     h0 = numpy.zeros((u.shape[1], p["W"].shape[0]))
-    hs, _ = ag.rnn_forward(u, h0, model.O, p["W"], p["U"], p["b"], model.alpha, model.beta, model.act)
+    hs, _ = ag.rnn_forward(u, h0, model.WO, p["U"], p["b"], model.beta, model.act)
     previous = numpy.concatenate([h0[None], hs[:-1]])
     a = previous @ p["W"].T + u @ p["U"].T + p["b"]
     return numpy.abs(a).min() > 1e-3
@@ -408,7 +414,7 @@ def test_rnn_state_jacobian_lies_inside_the_bounds(N, T, n_in, alpha, beta, act_
     W = gain * rng.standard_normal((N, N)) / numpy.sqrt(N)
     U, b = rng.standard_normal((N, n_in)), rng.standard_normal(N)
     u, h_t = rng.standard_normal((T, n_in)), rng.standard_normal(N)
-    J = ag.rnn_jacobian(u, h_t, O, W, U, b, alpha, beta, act)      # d h_T / d h_t with T - t = T steps
+    J = ag.rnn_jacobian(u, h_t, ag.stack_WO(W, O, alpha), U, b, beta, act)      # d h_T / d h_t with T - t = T steps
     lower, upper = product_bounds(alpha, beta, [act.gamma * spectral_norm(W)] * T)
     assert_within(singular_values(J), lower, upper)
 

@@ -27,16 +27,17 @@ from roa import RoaRNN  # noqa: E402
 def torch_step_fn(torch, ours, u, y, lr):
     """The same roaRNN written with torch tensors and autograd; returns (step, gradients)."""
     p = {k: torch.tensor(numpy.array(v), requires_grad=True) for k, v in ours.params.items()}
-    O = torch.tensor(numpy.array(ours.O))
-    alpha, beta = ours.alpha, ours.beta
+    N = ours.WO.shape[1]
+    alpha_O = torch.tensor(numpy.array(ours.WO[N:]))          # the fixed filter, alpha O
+    beta = ours.beta
     u_t, y_t = torch.tensor(u), torch.tensor(y)
     optimizer = torch.optim.Adam(p.values(), lr=lr)
 
     def loss():
-        h = torch.zeros(u.shape[1], O.shape[0])
-        inputs = u_t @ p["U"].T + p["b"]
-        for t in range(u.shape[0]):
-            h = alpha * (h @ O.T) + beta * torch.tanh(h @ p["W"].T + inputs[t])
+        h = torch.zeros(u.shape[1], N)
+        inputs = (u_t @ p["U"].T + p["b"]).unbind(0)        # (indexing inputs[t] instead would make
+        for t in range(u.shape[0]):                          #  autograd zero-fill a (T, B, N) array per step)
+            h = h @ alpha_O.T + beta * torch.tanh(h @ p["W"].T + inputs[t])
         return torch.nn.functional.cross_entropy(h @ p["V"].T + p["c"], y_t)
 
     def step():
