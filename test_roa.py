@@ -368,13 +368,14 @@ def test_numpy_and_cupy_agree_on_forward_and_backward(spec):
 # ============================================================ roaRNN (BPTT)
 
 @st.composite
-def rnn_cases(draw):
-    """A float64 roaRNN, either readout, with a batch of sequences and targets."""
+def rnn_cases(draw, device="cpu"):
+    """A float64 roaRNN on `device`, either readout, with a batch of sequences and targets there."""
     readout = draw(st.sampled_from(roa.RoaRNN.READOUTS))
     loss_name = draw(st.sampled_from(["mse", "xent"]))
     n_in, n_out = draw(st.integers(1, 3)), draw(st.integers(2, 3))
-    model = roa.RoaRNN(n_in, n_out, hidden=draw(st.integers(1, 4)), alpha=draw(alphas), beta=draw(betas),
-                       activation=draw(activations), readout=readout, dtype="float64", seed=draw(seeds))
+    shape = dict(n_in=n_in, n_out=n_out, hidden=draw(st.integers(1, 4)), alpha=draw(alphas), beta=draw(betas),
+                 activation=draw(activations), readout=readout, dtype="float64", seed=draw(seeds))
+    model = roa.RoaRNN(**shape)
     rng = numpy.random.default_rng(draw(seeds))
     T, B = draw(st.integers(1, 6)), draw(st.integers(1, 3))
     u = rng.standard_normal((T, B, n_in))
@@ -385,6 +386,9 @@ def rnn_cases(draw):
         target = rng.integers(0, n_out, out_shape)
     if model.act is ag.ACTIVATIONS["relu"]:     # keep the probe away from the kink of ReLU at 0
         assume(rnn_preactivations_clear_of_kink(model, u))
+    if device != "cpu":
+        model = roa.RoaRNN(**shape, device=device)
+        u, target = model.xp.asarray(u), model.xp.asarray(target)
     return model, u, target, loss_name
 
 
@@ -400,6 +404,12 @@ def rnn_preactivations_clear_of_kink(model, u):
 
 @given(rnn_cases())
 def test_bptt_gradients_equal_finite_differences(case):
+    assert_gradients_match(*case)
+
+
+@needs_gpu
+@given(rnn_cases(device="gpu"))
+def test_bptt_gradients_on_gpu_equal_finite_differences(case):
     assert_gradients_match(*case)
 
 
