@@ -229,8 +229,9 @@ def roa_backward(delta, cache):
         xp.matmul(now, WO[l], out=down[:, N:])             # eq (7'): delta_l = J_l^T delta_{l+1}
         now, down = down, now
     dW = ds.transpose(0, 2, 1) @ xs[:L]                    # eq (3): beta (d_l * delta_{l+1}) x_l^T
-    dW *= beta
-    db = beta * ds.sum(axis=1)                             # eq (3) without the outer product
+    db = ds.sum(axis=1)                                    # eq (3) without the outer product
+    for grad in (dW, db):
+        grad *= beta                                       # (the rows held d_l * delta_{l+1})
     return now[:, N:].copy(), dW, db
 
 
