@@ -165,15 +165,15 @@ def linear_backward(dy, cache):
 
 
 def stack_WO(W, O, alpha):
-    """W stacked on alpha O along the rows: (..., 2N, N) from W, O (..., N, N).
+    """The pair (W, alpha O) as one array: (..., 2, N, N) from W, O (..., N, N).
 
-    The layers below take their weights in this form, so that one matrix
-    product gives both W x and alpha O x (forward), and one gives
-    W^T dy + alpha O^T delta (backward). The models keep it as their storage,
-    their parameter W being a view of its top half.
+    The layers below take their weights in this form, so that one (batched)
+    matrix product gives both W x and alpha O x, each a contiguous block,
+    and one gives both W^T dy and alpha O^T delta. The models keep it as
+    their storage, their parameter W being a view of it (WO[..., 0, :, :]).
     """
     xp = get_array_module(W)
-    return xp.concatenate([W, alpha * O], axis=-2)
+    return xp.stack([W, alpha * O], axis=-3)
 
 
 def roa_forward(x, WO, b, beta, act):
@@ -181,7 +181,7 @@ def roa_forward(x, WO, b, beta, act):
 
         x_{l+1} = alpha O_l x_l + beta phi(W_l x_l + b_l),   l = 0 .. L-1.
 
-    x: (B, N) is x_0; WO: (L, 2N, N), W_l stacked on alpha O_l (stack_WO);
+    x: (B, N) is x_0; WO: (L, 2, N, N), the pairs (W_l, alpha O_l) (stack_WO);
     b: (L, N). With alpha = 0 and beta = 1 this is the plain multilayer
     perceptron, eqs (1)-(2).
     Returns x_L and a cache holding every x_l and every d_l = phi'(y_l).
@@ -190,11 +190,11 @@ def roa_forward(x, WO, b, beta, act):
     L, N = b.shape
     xs = xp.empty((L + 1,) + x.shape, x.dtype)
     ds = xp.empty((L,) + x.shape, x.dtype)
-    both = xp.empty((x.shape[0], 2 * N), x.dtype)
-    y, filtered = both[:, :N], both[:, N:]                 # [W_l x_l | alpha O_l x_l]
+    both = xp.empty((2,) + x.shape, x.dtype)
+    y, filtered = both                                     # W_l x_l and alpha O_l x_l
     xs[0] = x
     for l in range(L):
-        xp.matmul(xs[l], WO[l].T, out=both)                # W_l x_l and alpha O_l x_l, one product
+        xp.matmul(xs[l], WO[l].transpose(0, 2, 1), out=both)    # W_l x_l and alpha O_l x_l: one call
         y += b[l]                                          # eq (1): y_l = W_l x_l + b_l
         act.phi(y)                                         # eq (2), in place: y holds phi(y_l) now
         act.dphi(y, out=ds[l])                             # eq (4): d_l = phi'(y_l)
@@ -212,7 +212,7 @@ def roa_backward(delta, cache):
 
         J_l = d x_{l+1} / d x_l = alpha O_l + beta diag(d_l) W_l,
 
-    as one product: [beta d_l * delta_{l+1} | delta_{l+1}] @ [W_l ; alpha O_l].
+    from one batched product: (beta d_l * delta_{l+1}) W_l and delta_{l+1} alpha O_l.
     It keeps d_l * delta_{l+1}, written over d_l in the cache (a cache serves
     one backward pass), and reads all weight gradients off it afterwards in
     one batched product (eq 3).
@@ -221,18 +221,19 @@ def roa_backward(delta, cache):
     xs, ds, WO, beta = cache
     xp = get_array_module(delta)
     L, B, N = ds.shape
-    now, down = (xp.empty((B, 2 * N), ds.dtype) for _ in range(2))
-    now[:, N:] = delta                                     # now: [beta d_l * delta_{l+1} | delta_{l+1}]
+    pair, products = (xp.empty((2, B, N), ds.dtype) for _ in range(2))
+    dy, delta_now = pair                                   # beta diag(d_l) delta_{l+1}, delta_{l+1}
+    delta_now[...] = delta
     for l in reversed(range(L)):
-        ds[l] *= now[:, N:]                                # d_l * delta_{l+1}, kept for dW
-        xp.multiply(ds[l], beta, out=now[:, :N])           # beta diag(d_l) delta_{l+1}
-        xp.matmul(now, WO[l], out=down[:, N:])             # eq (7'): delta_l = J_l^T delta_{l+1}
-        now, down = down, now
+        ds[l] *= delta_now                                 # d_l * delta_{l+1}, kept for dW
+        xp.multiply(ds[l], beta, out=dy)
+        xp.matmul(pair, WO[l], out=products)               # W_l^T dy and alpha O_l^T delta_{l+1}
+        xp.add(products[0], products[1], out=delta_now)    # eq (7'): delta_l = J_l^T delta_{l+1}
     dW = ds.transpose(0, 2, 1) @ xs[:L]                    # eq (3): beta (d_l * delta_{l+1}) x_l^T
     db = ds.sum(axis=1)                                    # eq (3) without the outer product
     for grad in (dW, db):
         grad *= beta                                       # (the rows held d_l * delta_{l+1})
-    return now[:, N:].copy(), dW, db
+    return delta_now.copy(), dW, db
 
 
 def roa_jacobian(x, WO, b, beta, act):
@@ -251,7 +252,7 @@ def rnn_forward(u, h0, WO, U, b, beta, act):
 
         h_t = alpha O h_{t-1} + beta phi(W h_{t-1} + U u_t + b),  t = 1 .. T.
 
-    u: (T, B, n_in); h0: (B, N); WO: (2N, N), W stacked on alpha O
+    u: (T, B, n_in); h0: (B, N); WO: (2, N, N), the pair (W, alpha O)
     (stack_WO), so that one product per step gives W h and alpha O h.
     With alpha = 0 and beta = 1 this is the vanilla Elman RNN.
     Returns h_1 .. h_T as (T, B, N) and the cache.
@@ -260,13 +261,13 @@ def rnn_forward(u, h0, WO, U, b, beta, act):
     T, N = u.shape[0], b.shape[0]
     hs = xp.empty((T + 1,) + h0.shape, u.dtype)
     ds = xp.empty((T,) + h0.shape, u.dtype)
-    both = xp.empty((h0.shape[0], 2 * N), u.dtype)
-    a, filtered = both[:, :N], both[:, N:]                 # [W h_{t-1} | alpha O h_{t-1}]
+    both = xp.empty((2,) + h0.shape, u.dtype)
+    a, filtered = both                                     # W h_{t-1} and alpha O h_{t-1}
     hs[0] = h0
     xp.matmul(u, U.T, out=hs[1:])          # U u_t + b for every t: one product before the loop,
     hs[1:] += b                            # held in hs[t] until h_t overwrites it
     for t in range(1, T + 1):              # hs[t] = h_t; ds[t-1] = phi'(a_t)
-        xp.matmul(hs[t - 1], WO.T, out=both)
+        xp.matmul(hs[t - 1], WO.transpose(0, 2, 1), out=both)   # W h_{t-1} and alpha O h_{t-1}: one call
         a += hs[t]                                         # a_t = W h_{t-1} + U u_t + b
         act.phi(a)                                         # in place: a holds phi(a_t) now
         act.dphi(a, out=ds[t - 1])
@@ -286,7 +287,7 @@ def rnn_backward(dhs, cache):
         dz_t     = beta g_t * phi'(a_t)
         g_{t-1}  = alpha O^T g_t + W^T dz_t   (+ the loss's own gradient at h_{t-1})
 
-    the second as one product, [dz_t | g_t] @ [W ; alpha O]. The weight
+    the second from one batched product giving W^T dz_t and alpha O^T g_t. The weight
     gradients are one matrix product each over all (t, batch) pairs
     afterwards, read off g_t * phi'(a_t), which is written over phi'(a_t) in
     the cache (a cache serves one backward pass).
@@ -296,21 +297,22 @@ def rnn_backward(dhs, cache):
     xp = get_array_module(dhs)
     T, B, N = ds.shape
     first_seen = T - dhs.shape[0]                     # h_t with t > first_seen feed the loss directly
-    now, down = (xp.zeros((B, 2 * N), ds.dtype) for _ in range(2))    # now: [dz_t | g_t]
+    pair, products = xp.zeros((2, B, N), ds.dtype), xp.empty((2, B, N), ds.dtype)
+    dz, g = pair                                           # dz_t and g_t
     for t in range(T, 0, -1):
         if t > first_seen:
-            now[:, N:] += dhs[t - 1 - first_seen]          # the loss's gradient at h_t
-        ds[t - 1] *= now[:, N:]                            # g_t * phi'(a_t), kept for the weight gradients
-        xp.multiply(ds[t - 1], beta, out=now[:, :N])       # dz_t = beta g_t * phi'(a_t)
-        xp.matmul(now, WO, out=down[:, N:])                # g_{t-1} = W^T dz_t + alpha O^T g_t
-        now, down = down, now
-    dz_rows = ds.reshape(T * B, N)
-    dW = dz_rows.T @ hs[:T].reshape(T * B, N)              # sum_t dz_t h_{t-1}^T
-    dU = dz_rows.T @ u.reshape(T * B, -1)                  # sum_t dz_t u_t^T
-    db = dz_rows.sum(axis=0)                               # sum_t dz_t
+            g += dhs[t - 1 - first_seen]                   # the loss's gradient at h_t
+        ds[t - 1] *= g                                     # g_t * phi'(a_t), kept for the weight gradients
+        xp.multiply(ds[t - 1], beta, out=dz)               # dz_t = beta g_t * phi'(a_t)
+        xp.matmul(pair, WO, out=products)                  # W^T dz_t and alpha O^T g_t
+        xp.add(products[0], products[1], out=g)            # g_{t-1}
+    rows = ds.reshape(T * B, N)                            # g_t * phi'(a_t) = dz_t / beta
+    dW = rows.T @ hs[:T].reshape(T * B, N)                 # sum_t dz_t h_{t-1}^T
+    dU = rows.T @ u.reshape(T * B, -1)                     # sum_t dz_t u_t^T
+    db = rows.sum(axis=0)                                  # sum_t dz_t
     for grad in (dW, dU, db):
-        grad *= beta                                       # (the rows held g_t * phi'(a_t))
-    return now[:, N:].copy(), dW, dU, db
+        grad *= beta                                       # (the rows held dz_t / beta)
+    return g.copy(), dW, dU, db
 
 
 def rnn_jacobian(u, h0, WO, U, b, beta, act):

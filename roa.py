@@ -69,13 +69,13 @@ class Model:
         return {name: self.xp.asarray(a, dtype=self.dtype) for name, a in arrays.items()}
 
     def store_filters(self, W, O):
-        """Keep W stacked on alpha O (autograd.stack_WO), the form the layers
-        take; the parameter W becomes a view of its top half, so that the
+        """Keep the pair (W, alpha O) (autograd.stack_WO), the form the layers
+        take; the parameter W becomes a view of its first half, so that the
         optimiser's in-place updates reach the layers."""
         self.filters = filter_fingerprint(O)
         W, O = self.to_device({"W": W, "O": O}).values()
         self.WO = stack_WO(W, O, self.alpha)
-        self.params["W"] = self.WO[..., :W.shape[-2], :]
+        self.params["W"] = self.WO[..., 0, :, :]
 
     def set_params(self, arrays):
         """Copy arrays (NumPy or of this module) into the parameters, in place."""
