@@ -187,7 +187,7 @@ def roa_forward(x, WO, b, beta, act):
     Returns x_L and a cache holding every x_l and every d_l = phi'(y_l).
     """
     xp = get_array_module(x)
-    L, N = b.shape
+    L = b.shape[0]
     xs = xp.empty((L + 1,) + x.shape, x.dtype)
     ds = xp.empty((L,) + x.shape, x.dtype)
     both = xp.empty((2,) + x.shape, x.dtype)

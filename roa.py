@@ -46,6 +46,13 @@ def require_size(name, value):
             name, value, "an integer >= 1")
 
 
+def kept_bytes(unrolled, batch, width, dtype):
+    """Bytes of the activations that backprop keeps through `unrolled` layers
+    (or time steps): every layer's input x_l (h_t), the last output, and
+    every phi' -- the floor of a training step's memory."""
+    return (2 * unrolled + 1) * batch * width * numpy.dtype(dtype).itemsize
+
+
 class Model:
     """What roaFNN and roaRNN share: checked hyperparameters, the array module,
     the fixed orthogonal filters O and the trained parameters."""
@@ -106,10 +113,9 @@ class RoaFNN(Model):
         self.store_filters(W, random_orthogonal(self.rng, N, L))
 
     def kept_bytes(self, u_shape):
-        """Bytes of the arrays kept for backprop (every x_l and d_l) for
-        inputs of shape u_shape = (B, n_in)."""
+        """kept_bytes for inputs of shape u_shape = (B, n_in)."""
         L, N = self.params["b"].shape
-        return (2 * L + 1) * u_shape[0] * N * numpy.dtype(self.dtype).itemsize
+        return kept_bytes(L, u_shape[0], N, self.dtype)
 
     def forward(self, u):
         """u: (B, n_in) -> scores z: (B, n_out), and the cache for backward."""
@@ -156,10 +162,8 @@ class RoaRNN(Model):
         self.store_filters(W, random_orthogonal(self.rng, N, 1)[0])
 
     def kept_bytes(self, u_shape):
-        """Bytes of the arrays kept for BPTT (every h_t and phi'(a_t)) for
-        inputs of shape u_shape = (T, B, n_in)."""
-        T, B, N = u_shape[0], u_shape[1], self.params["b"].shape[0]
-        return (2 * T + 1) * B * N * numpy.dtype(self.dtype).itemsize
+        """kept_bytes for inputs of shape u_shape = (T, B, n_in)."""
+        return kept_bytes(u_shape[0], u_shape[1], self.params["b"].shape[0], self.dtype)
 
     def forward(self, u):
         """u: (T, B, n_in) -> z: (B, n_out) or (T, B, n_out), and the cache."""
@@ -479,12 +483,12 @@ def make_model(args, task):
 
 def check_memory(args, task, xp):
     """Refuse, before anything is allocated, a run whose memory would not fit:
-    the activations kept for backprop (as Model.kept_bytes counts them), the
+    the activations kept for backprop (kept_bytes), the
     weights with their gradients (and Adam's moments), and the filters O."""
     item = numpy.dtype(args.dtype).itemsize
     shape = task.input_shape(args.batch)
     unrolled, layers = (args.depth, args.depth) if task.model == "fnn" else (shape[0], 1)
-    kept = (2 * unrolled + 1) * args.batch * args.hidden * item
+    kept = kept_bytes(unrolled, args.batch, args.hidden, args.dtype)
     copies = 6 if args.optimizer == "adam" else 4     # W and O, W's gradient, the best W so far (+ m, v)
     need = kept + copies * layers * args.hidden ** 2 * item + min(EVAL_BYTES, kept)
     free = free_memory(xp)

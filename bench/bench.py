@@ -8,8 +8,7 @@ For each configuration: the median time of a training step (forward, loss,
 backward, Adam or SGD update) after warm-up, the GFLOP/s of its matrix
 products, that rate as a fraction of the float32 matrix-product peak
 measured in this run by one large product, and the peak memory of one step
-against the floor set by the activations kept for backprop. Where a
-configuration would not fit in memory here, it says so and moves on.
+against the floor set by the activations kept for backprop.
 """
 
 import argparse
@@ -68,12 +67,12 @@ def bench(name, xp, device, peak):
     if kind == "rnn":
         model = RoaRNN(s["n_in"], s["n_out"], s["N"], 1.0, 0.1, dtype="float32", device=device)
         u = xp.asarray(rng.standard_normal((s["T"], s["B"], s["n_in"])), dtype=xp.float32)
-        flops, unrolled = rnn_flops(**s), s["T"]
+        flops = rnn_flops(**s)
     else:
         model = RoaFNN(s["n_in"], s["n_out"], s["N"], s["L"], 1.0, 0.005, dtype="float32", device=device)
         u = xp.asarray(rng.standard_normal((s["B"], s["n_in"])), dtype=xp.float32)
-        flops, unrolled = fnn_flops(**s), s["L"]
-    floor = unrolled * s["B"] * s["N"] * 4 * 2                  # the states and phi' kept for backprop
+        flops = fnn_flops(**s)
+    floor = model.kept_bytes(u.shape)                       # the states and phi' kept for backprop
     y = xp.asarray(rng.integers(0, s["n_out"], s["B"]))
     loss_fn = softmax_cross_entropy if s["n_out"] > 1 else mse_loss
     if loss_fn is mse_loss:
