@@ -247,13 +247,27 @@ def train_step(model, task, optimizer, seed, step, batch):
 
 
 class Plan(NamedTuple):
-    """How long and how to train: steps first+1 .. steps, and what to report and save when."""
+    """How long and how to train: steps first+1 .. steps at learning rate lr
+    under `schedule`, and what to report and save when."""
     steps: int
     batch: int
     seed: int
     eval_every: int
+    lr: float
+    schedule: str = "constant"  # or "cosine": see learning_rate
     first: int = 0              # the step a resumed run starts after
     save_every: int = 0         # 0: save only at the end (and on Ctrl-C)
+
+
+SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(plan, step):
+    """The learning rate of step `step` (1 .. plan.steps): plan.lr throughout,
+    or decayed along half a cosine from plan.lr at step 1 towards 0 at the end."""
+    if plan.schedule == "cosine":
+        return plan.lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / plan.steps))
+    return plan.lr
 
 
 def train(model, task, optimizer, plan, log=print, save=None, record=None):
@@ -268,6 +282,7 @@ def train(model, task, optimizer, plan, log=print, save=None, record=None):
     with StopOnSigint() as stop:
         for step in range(plan.first + 1, plan.steps + 1):
             tick = time.time()
+            optimizer.lr = learning_rate(plan, step)
             loss, input_grad = train_step(model, task, optimizer, plan.seed, step, plan.batch)
             losses.append(loss)
             train_seconds += time.time() - tick
@@ -383,7 +398,7 @@ PRESETS = {
 }
 # what a checkpoint fixes: resuming with another value for one of these is a mistake
 MODEL_FLAGS = ("task", "length", "hidden", "depth", "alpha", "beta", "activation", "optimizer", "lr",
-               "batch", "dtype", "seed")
+               "schedule", "batch", "dtype", "seed")
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "mnist")
 
 
@@ -419,6 +434,8 @@ def parse_args(argv):
     p.add_argument("--activation", choices=sorted(ACTIVATIONS), help="phi (default tanh)")
     p.add_argument("--optimizer", choices=["adam", "sgd"], help="Adam, or plain SGD (eqs 8-10)")
     p.add_argument("--lr", type=number(float, 0, True), help="learning rate")
+    p.add_argument("--schedule", choices=SCHEDULES, help="learning rate constant, or decayed to 0 "
+                   "along half a cosine over the run's steps (default constant)")
     p.add_argument("--batch", type=number(int, 1, False), help="mini-batch size")
     p.add_argument("--steps", type=number(int, 1, False), help="training steps in all (a resumed run "
                    "continues up to this step)")
@@ -454,7 +471,8 @@ def fill_defaults(args, saved=None):
                                f"with {name} = {saved[name]!r}; leave the flag out to resume")
             if given is None:
                 setattr(args, name, saved.get(name))
-    defaults = dict(PRESETS[args.task], activation="tanh", dtype="float32", seed=0)
+    defaults = {"activation": "tanh", "schedule": "constant", "dtype": "float32", "seed": 0,
+                **PRESETS[args.task]}
     if args.steps is not None or args.epochs is not None:      # one of them says how long
         defaults.pop("steps", None), defaults.pop("epochs", None)
     for name, value in defaults.items():
@@ -502,7 +520,7 @@ def describe(args, task, steps):
     shape = (f"roaFNN L={args.depth} N={args.hidden}" if task.model == "fnn"
              else f"T={task.T} | roaRNN N={args.hidden}")
     return (f"roa: {task.name} {shape} alpha={args.alpha} beta={args.beta} {args.activation} | "
-            f"{args.optimizer} lr={args.lr} batch {args.batch} | {steps} steps | "
+            f"{args.optimizer} lr={args.lr} ({args.schedule}) batch {args.batch} | {steps} steps | "
             f"{args.device} {args.dtype} | seed {args.seed}")
 
 
@@ -528,8 +546,8 @@ def run(args, log=print):
         if first >= steps:
             raise RoaError(f"{args.resume!r} is already at step {first}; ask for more with --steps")
         log(f"roa: resuming {args.resume} at step {first}")
-    plan = Plan(steps, args.batch, args.seed, args.eval_every or max(1, steps // 20), first,
-                args.save_every or 0)
+    plan = Plan(steps, args.batch, args.seed, args.eval_every or max(1, steps // 20), args.lr,
+                args.schedule, first, args.save_every or 0)
     config = {name: getattr(args, name) for name in MODEL_FLAGS}
     save = args.save and (lambda step: save_checkpoint(args.save, model, optimizer, step, config))
     log(describe(args, task, steps))

@@ -321,6 +321,9 @@ class MNIST(Task):
         return self.inputs(images[rows]), labels[rows]
 
     def steps_per_epoch(self, B):
+        if B > len(self.train[0]):
+            raise RoaError(f"a batch of {B} is more than the {len(self.train[0])} training images: "
+                           "lower --batch or --validation")
         return len(self.train[0]) // B
 
     def loss(self, z, y):

@@ -542,6 +542,20 @@ def test_psmnist_reads_a_data_dir_and_splits_it(tmp_path, compress):
     assert u.shape == (784, 4, 1) and numpy.array_equal(y, epoch[2])
 
 
+@given(st.integers(1, 10**6), st.integers(1, 10**6), st.floats(1e-6, 1.0))
+def test_cosine_schedule_falls_from_lr_to_zero(steps, step, lr):
+    """learning_rate: constant gives lr at every step; cosine gives lr at step 1,
+    lr/2 halfway, never rises, and stays above 0 at the last step."""
+    step = 1 + step % steps
+    constant, cosine = (roa.Plan(steps, 1, 0, 1, lr, schedule) for schedule in roa.SCHEDULES)
+    assert roa.learning_rate(constant, step) == lr
+    assert roa.learning_rate(cosine, 1) == lr
+    assert 0 < roa.learning_rate(cosine, steps) <= roa.learning_rate(cosine, step) <= lr
+    assert roa.learning_rate(cosine, step) >= roa.learning_rate(cosine, min(step + 1, steps))
+    if steps % 2 == 0:
+        assert numpy.isclose(roa.learning_rate(cosine, steps // 2 + 1), lr / 2)
+
+
 def test_psmnist_without_files_names_the_folder(tmp_path):
     with pytest.raises(ag.RoaError, match="no MNIST files") as info:
         tasks.PsMNIST(str(tmp_path))
@@ -601,6 +615,9 @@ def bad_inputs(tmp_path):
     not_npz.write_text("hello")
     wrong_shape = tmp_path / "wrong-shape.npz"
     roa.main(TINY + ["--save", str(tmp_path / "good.npz"), "--quiet"])
+    mnist = tmp_path / "mnist"
+    mnist.mkdir()
+    write_fake_mnist(mnist, 30, 5)
     with numpy.load(tmp_path / "good.npz") as npz:
         arrays = dict(npz)
     arrays["param.W"] = numpy.zeros((5, 5))
@@ -620,6 +637,9 @@ def bad_inputs(tmp_path):
         (TINY + ["--resume", str(not_npz)], "notes.txt"),
         (TINY + ["--resume", str(tmp_path / "good.npz"), "--hidden", "5"], "--hidden 5"),
         (TINY + ["--resume", str(wrong_shape), "--steps", "20"], "parameter W"),
+        (TINY + ["--resume", str(tmp_path / "good.npz"), "--schedule", "cosine"], "--schedule cosine"),
+        (["--task", "psmnist", "--data-dir", str(mnist), "--validation", "8", "--batch", "64",
+          "--steps", "2"], "--batch"),
     ]
     if GPU_SKIP is not None:
         table.append((TINY + ["--device", "gpu"], "gpu"))
