@@ -433,7 +433,7 @@ def parse_args(argv):
     p.add_argument("--alpha", type=number(float, 0, False), help="weight of the orthogonal filter, >= 0")
     p.add_argument("--beta", type=number(float, 0, True), help="weight of the nonlinearity, > 0")
     p.add_argument("--activation", choices=sorted(ACTIVATIONS),
-                   help="phi (default tanh; relu for psmnist)")
+                   help="phi (default tanh, unless the task defaults below say otherwise)")
     p.add_argument("--optimizer", choices=["adam", "sgd"], help="Adam, or plain SGD (eqs 8-10)")
     p.add_argument("--lr", type=number(float, 0, True), help="learning rate")
     p.add_argument("--schedule", choices=SCHEDULES, help="learning rate constant, or decayed to 0 "
