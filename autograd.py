@@ -390,10 +390,12 @@ class SGD:
 
 class Adam:
     """Adam (Kingma & Ba 2015) on the same averaged gradient as SGD.
-    `b1`, `b2` are Adam's decay rates (not the roa beta)."""
+    `b1`, `b2` are Adam's decay rates (not the roa beta). With weight_decay
+    lambda > 0 every parameter also shrinks by the factor 1 - lr lambda each
+    step, apart from the gradient (AdamW, Loshchilov & Hutter 2019)."""
 
-    def __init__(self, lr, b1=0.9, b2=0.999, eps=1e-8):
-        self.lr, self.b1, self.b2, self.eps = lr, b1, b2, eps
+    def __init__(self, lr, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8):
+        self.lr, self.weight_decay, self.b1, self.b2, self.eps = lr, weight_decay, b1, b2, eps
         self.t = 0
         self.m, self.v = {}, {}
 
@@ -411,6 +413,7 @@ class Adam:
             v += (1 - self.b2) * grad * grad               # second moment
             m_hat = m / (1 - self.b1 ** self.t)            # bias corrections
             v_hat = v / (1 - self.b2 ** self.t)
+            params[name] *= 1 - self.lr * self.weight_decay   # decoupled weight decay
             params[name] -= self.lr * m_hat / (xp.sqrt(v_hat) + self.eps)
 
     def state(self):

@@ -372,9 +372,9 @@ def load_checkpoint(path):
     return config, step, params, optim, arrays.get("filters")
 
 
-def restore(model, optimizer, path, params, optim, filters):
-    """Put a checkpoint's arrays into a freshly built model and optimiser,
-    after checking that they fit it."""
+def restore(model, path, params, filters):
+    """Put a checkpoint's parameters into a freshly built model, after checking
+    that they fit it."""
     if filters is None or not numpy.allclose(filters, model.filters, rtol=1e-5, atol=1e-6):
         raise RoaError(f"{path!r}: its orthogonal filters O differ from those drawn from the seed here")
     for name, value in model.params.items():
@@ -382,7 +382,6 @@ def restore(model, optimizer, path, params, optim, filters):
             got = params[name].shape if name in params else "nothing"
             raise RoaError(f"{path!r} holds {got} for parameter {name}, the model needs {value.shape}")
     model.set_params(params)
-    optimizer.load_state({k: a if a.ndim == 0 else model.xp.asarray(a) for k, a in optim.items()})
 
 
 # -------------------------------------------------------- command line
@@ -397,9 +396,10 @@ PRESETS = {
     "deepmlp": dict(depth=50000, hidden=64, alpha=1.0, beta=0.005, optimizer="sgd", lr=0.1, batch=64,
                     steps=300),
 }
-# what a checkpoint fixes: resuming with another value for one of these is a mistake
-MODEL_FLAGS = ("task", "length", "hidden", "depth", "alpha", "beta", "activation", "optimizer", "lr",
-               "schedule", "batch", "dtype", "seed")
+# what a checkpoint's parameters fix: starting from them (--init) with another value is a mistake
+ARCHITECTURE_FLAGS = ("task", "hidden", "depth", "alpha", "beta", "activation", "dtype", "seed")
+# what a checkpoint's run fixes: resuming it (--resume) with another value is a mistake
+MODEL_FLAGS = ARCHITECTURE_FLAGS + ("length", "optimizer", "lr", "schedule", "weight_decay", "batch")
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "mnist")
 
 
@@ -438,6 +438,8 @@ def parse_args(argv):
     p.add_argument("--lr", type=number(float, 0, True), help="learning rate")
     p.add_argument("--schedule", choices=SCHEDULES, help="learning rate constant, or decayed to 0 "
                    "along half a cosine over the run's steps (default constant)")
+    p.add_argument("--weight-decay", type=number(float, 0, False), help="Adam's decoupled weight decay "
+                   "lambda: each step every parameter shrinks by the factor 1 - lr lambda (default 0)")
     p.add_argument("--batch", type=number(int, 1, False), help="mini-batch size")
     p.add_argument("--steps", type=number(int, 1, False), help="training steps in all (a resumed run "
                    "continues up to this step)")
@@ -456,24 +458,26 @@ def parse_args(argv):
                    "--save-every steps and on Ctrl-C")
     p.add_argument("--save-every", type=number(int, 1, False), help="steps between checkpoints")
     p.add_argument("--resume", metavar="PATH", help="continue the run saved in this checkpoint")
+    p.add_argument("--init", metavar="PATH", help="start a new run (another --length, --lr, --steps ...) "
+                   "from the parameters saved in this checkpoint, with a fresh optimiser: a curriculum")
     p.add_argument("--metrics", metavar="PATH", help="append one JSON line per validation report here")
     p.add_argument("--quiet", action="store_true", help="print only the final summary")
     return p.parse_args(argv)
 
 
-def fill_defaults(args, saved=None):
-    """Fill the flags left out from a resumed checkpoint's configuration
-    `saved`, or else from the task's preset; a flag given with another value
-    than the checkpoint's is an error."""
+def fill_defaults(args, saved=None, fixed=MODEL_FLAGS):
+    """Fill the flags left out: those in `fixed` from a checkpoint's
+    configuration `saved`, the rest from the task's preset; a flag in
+    `fixed` given with another value than the checkpoint's is an error."""
     if saved is not None:
-        for name in MODEL_FLAGS:
+        for name in fixed:
             given = getattr(args, name)
             if given is not None and saved.get(name) is not None and given != saved[name]:
                 raise RoaError(f"--{name} {given} does not match the checkpoint, which was trained "
-                               f"with {name} = {saved[name]!r}; leave the flag out to resume")
+                               f"with {name} = {saved[name]!r}; leave the flag out to take the checkpoint's")
             if given is None:
                 setattr(args, name, saved.get(name))
-    defaults = {"activation": "tanh", "schedule": "constant", "dtype": "float32", "seed": 0,
+    defaults = {"activation": "tanh", "schedule": "constant", "weight_decay": 0.0, "dtype": "float32", "seed": 0,
                 **PRESETS[args.task]}
     if args.steps is not None or args.epochs is not None:      # one of them says how long
         defaults.pop("steps", None), defaults.pop("epochs", None)
@@ -521,8 +525,9 @@ def check_memory(args, task, xp):
 def describe(args, task, steps):
     shape = (f"roaFNN L={args.depth} N={args.hidden}" if task.model == "fnn"
              else f"T={task.T} | roaRNN N={args.hidden}")
+    decay = f" weight decay {args.weight_decay}" if args.weight_decay else ""
     return (f"roa: {task.name} {shape} alpha={args.alpha} beta={args.beta} {args.activation} | "
-            f"{args.optimizer} lr={args.lr} ({args.schedule}) batch {args.batch} | {steps} steps | "
+            f"{args.optimizer} lr={args.lr} ({args.schedule}){decay} batch {args.batch} | {steps} steps | "
             f"{args.device} {args.dtype} | seed {args.seed}")
 
 
@@ -532,22 +537,31 @@ def run(args, log=print):
     wall = time.time()
     if args.steps is not None and args.epochs is not None:
         raise RoaError(f"--steps {args.steps} and --epochs {args.epochs} both say how long to train: give one")
-    resumed = load_checkpoint(args.resume) if args.resume else None
-    fill_defaults(args, resumed[0] if resumed else None)
+    if args.resume and args.init:
+        raise RoaError("--resume continues a run and --init starts a new one from its parameters: give one")
+    checkpoint = load_checkpoint(args.resume or args.init) if args.resume or args.init else None
+    fill_defaults(args, checkpoint and checkpoint[0], MODEL_FLAGS if args.resume else ARCHITECTURE_FLAGS)
     task = make_task(args, log)
     check_memory(args, task, array_module(args.device))
     model = make_model(args, task)
-    optimizer = (Adam if args.optimizer == "adam" else SGD)(args.lr)
+    if args.weight_decay and args.optimizer != "adam":
+        raise RoaError(f"--weight-decay {args.weight_decay} is Adam's (AdamW); with --optimizer sgd leave it out")
+    optimizer = Adam(args.lr, args.weight_decay) if args.optimizer == "adam" else SGD(args.lr)
     if args.steps is None and not isinstance(task, MNIST):
         raise RoaError(f"--epochs is for the MNIST tasks; {task.name} draws fresh data: use --steps")
     steps = args.steps or args.epochs * task.steps_per_epoch(args.batch)
     first = 0
-    if resumed:
-        config, first, params, optim, filters = resumed
-        restore(model, optimizer, args.resume, params, optim, filters)
+    if checkpoint:
+        _, saved_step, params, optim, filters = checkpoint
+        restore(model, args.resume or args.init, params, filters)
+    if args.resume:
+        optimizer.load_state({k: a if a.ndim == 0 else model.xp.asarray(a) for k, a in optim.items()})
+        first = saved_step
         if first >= steps:
             raise RoaError(f"{args.resume!r} is already at step {first}; ask for more with --steps")
         log(f"roa: resuming {args.resume} at step {first}")
+    elif args.init:
+        log(f"roa: starting from the parameters of {args.init} (its step {saved_step}), a fresh optimiser")
     plan = Plan(steps, args.batch, args.seed, args.eval_every or max(1, steps // 20), args.lr,
                 args.schedule, first, args.save_every or 0)
     config = {name: getattr(args, name) for name in MODEL_FLAGS}

@@ -326,6 +326,18 @@ def test_adam_first_step_is_lr_times_normalised_gradient(lr, scale, seed):
     assert numpy.allclose(params["W"], -lr * g / (numpy.abs(g) + adam.eps), rtol=1e-12, atol=0)
 
 
+@given(st.floats(1e-4, 1e-1), st.floats(1e-3, 10.0), st.integers(1, 5), seeds)
+def test_adam_weight_decay_alone_shrinks_by_one_minus_lr_lambda(lr, decay, steps, seed):
+    """With a zero gradient Adam's moments stay 0, so what remains of the step is
+    the decoupled weight decay: W <- (1 - lr lambda) W, every step."""
+    W = numpy.random.default_rng(seed).standard_normal((3, 4))
+    params = {"W": W.copy()}
+    adam = ag.Adam(lr, weight_decay=decay)
+    for _ in range(steps):
+        adam.step(params, {"W": numpy.zeros_like(W)})
+    assert numpy.allclose(params["W"], (1 - lr * decay) ** steps * W, rtol=1e-12, atol=0)
+
+
 # --------------------------------------------------- arguments are checked
 
 @pytest.mark.parametrize("change, named", [
@@ -638,6 +650,10 @@ def bad_inputs(tmp_path):
         (TINY + ["--resume", str(tmp_path / "good.npz"), "--hidden", "5"], "--hidden 5"),
         (TINY + ["--resume", str(wrong_shape), "--steps", "20"], "parameter W"),
         (TINY + ["--resume", str(tmp_path / "good.npz"), "--schedule", "cosine"], "--schedule cosine"),
+        (TINY + ["--init", str(tmp_path / "good.npz"), "--alpha", "0.5"], "--alpha 0.5"),
+        (TINY + ["--init", str(wrong_shape)], "parameter W"),
+        (TINY + ["--init", str(tmp_path / "good.npz"), "--resume", str(tmp_path / "good.npz")], "--init"),
+        (TINY + ["--optimizer", "sgd", "--weight-decay", "0.1"], "--weight-decay 0.1"),
         (["--task", "psmnist", "--data-dir", str(mnist), "--validation", "8", "--batch", "64",
           "--steps", "2"], "--batch"),
     ]
@@ -678,6 +694,23 @@ def test_idx_reader_rejects_every_truncation(cut, compress):
 def saved_params(path):
     config, step, params, optim, _ = roa.load_checkpoint(str(path))
     return step, params, optim
+
+
+def test_init_starts_a_new_run_from_the_saved_parameters(tmp_path):
+    """--init: a run at another length, learning rate and step count starts from
+    a checkpoint's parameters (so, with a tiny lr, ends next to them), unlike a
+    fresh model of the same seed; its checkpoint records the new run."""
+    first, second, fresh = (str(tmp_path / name) for name in ("first.npz", "second.npz", "fresh.npz"))
+    assert roa.main(TINY + ["--lr", "0.05", "--save", first, "--quiet"]) == 0
+    later = ["--task", "adding", "--length", "9", "--steps", "3", "--lr", "1e-9", "--quiet"]
+    assert roa.main(later + ["--init", first, "--save", second]) == 0
+    assert roa.main(later + ["--hidden", "4", "--save", fresh]) == 0
+    _, start, _ = saved_params(first)
+    step, ended, optim = saved_params(second)
+    _, fresh_params, _ = saved_params(fresh)
+    assert step == 3 and int(optim["t"]) == 3 and roa.load_checkpoint(second)[0]["length"] == 9
+    assert max(numpy.abs(ended[k] - start[k]).max() for k in start) < 1e-7
+    assert max(numpy.abs(fresh_params[k] - start[k]).max() for k in start) > 1e-2
 
 
 def test_resume_is_exact_bit_for_bit(tmp_path):
