@@ -4,6 +4,7 @@
     python docs/figures.py                               # figures 1-3 at initialisation
     python docs/figures.py --trained runs/deep.npz       # figure 3 also after training (a deepmlp checkpoint)
     python docs/figures.py --curves runs/*.jsonl         # figure 4: learning curves from --metrics logs
+    python docs/figures.py --curves runs/a.jsonl+runs/b.jsonl   # a curriculum: b started from a (--init)
 
 Writes PNG files into docs/figures/:
 1. gradient_vs_depth.png: the norm of dL/dW_l reaching each layer l of a
@@ -140,13 +141,24 @@ def figure_singular_values(plt, depth, trained, out):
     fig.savefig(out, dpi=120)
 
 
-def figure_curves(plt, logs, out):
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
-    for path in logs:
+def read_stages(curve):
+    """The rows of a --metrics log, or of logs joined by "+" (the stages of a
+    curriculum, each started with --init from the last), one after another."""
+    rows = []
+    for path in curve.split("+"):
         with open(path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+            stage = [json.loads(line) for line in f if line.strip()]
+        offset = rows[-1]["step"] if rows else 0
+        rows += [dict(r, step=r["step"] + offset) for r in stage]
+    return rows
+
+
+def figure_curves(plt, curves, out):
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
+    for curve in curves:
+        rows = read_stages(curve)
         steps = [r["step"] for r in rows]
-        label = os.path.splitext(os.path.basename(path))[0]
+        label = " + ".join(os.path.splitext(os.path.basename(path))[0] for path in curve.split("+"))
         ax_loss.plot(steps, [r["val_loss"] for r in rows], label=label)
         ax_metric.plot(steps, [r["val_metric"] for r in rows], label=label)
     ax_loss.set(xlabel="step", ylabel="validation loss", yscale="log")
@@ -162,7 +174,8 @@ def main():
     p.add_argument("--jacobian-depth", type=int, default=1000, help="depth of figure 3 at initialisation")
     p.add_argument("--lag", type=int, default=10000, help="longest lag of figure 2 (default 10,000)")
     p.add_argument("--trained", help="a deepmlp checkpoint for figure 3")
-    p.add_argument("--curves", nargs="*", default=[], help="--metrics logs for figure 4")
+    p.add_argument("--curves", nargs="*", default=[], help="--metrics logs for figure 4; logs joined by + "
+                   "are the stages of one curriculum, drawn end to end")
     p.add_argument("--out", default=os.path.join(HERE, "figures"))
     args = p.parse_args()
     plt = pyplot()
