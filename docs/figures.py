@@ -125,7 +125,7 @@ def figure_singular_values(plt, depth, trained, out):
     models = [("at initialisation", roa.RoaFNN(784, 10, **shape))]
     if trained:
         model = roa.RoaFNN(784, 10, **shape)
-        roa.restore(model, ag.SGD(1.0), trained, params, {}, filters)
+        roa.restore(model, trained, params, filters)
         models.append((f"after {step} training steps", model))
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (label, model) in enumerate(models):
