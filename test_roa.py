@@ -811,3 +811,19 @@ def test_slow_runs_print_progress_between_reports(monkeypatch, capsys):
     lines = [line for line in out.splitlines() if line.startswith("step")]
     assert code == 0 and len(lines) == 10
     assert sum("val loss" in line for line in lines) == 1 and all("ETA" in line for line in lines)
+
+
+def test_figures_draw_curriculum_stages_end_to_end(tmp_path):
+    """docs/figures.py: logs joined by + continue each other's steps (the later
+    stage started from the earlier one with --init)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs"))
+    import figures
+    stages = [[1, 2, 3], [5, 10]]
+    paths = []
+    for i, steps in enumerate(stages):
+        paths.append(str(tmp_path / f"stage{i}.jsonl"))
+        with open(paths[-1], "w") as f:
+            f.writelines(json.dumps({"step": s, "val_loss": 1.0 / s, "val_metric": i}) + "\n" for s in steps)
+    rows = figures.read_stages("+".join(paths))
+    assert [r["step"] for r in rows] == [1, 2, 3, 8, 13]
+    assert [r["val_metric"] for r in rows] == [0, 0, 0, 1, 1]
