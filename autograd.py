@@ -413,7 +413,8 @@ class Adam:
             v += (1 - self.b2) * grad * grad               # second moment
             m_hat = m / (1 - self.b1 ** self.t)            # bias corrections
             v_hat = v / (1 - self.b2 ** self.t)
-            params[name] *= 1 - self.lr * self.weight_decay   # decoupled weight decay
+            if self.weight_decay:                          # decoupled weight decay
+                params[name] *= 1 - self.lr * self.weight_decay
             params[name] -= self.lr * m_hat / (xp.sqrt(v_hat) + self.eps)
 
     def state(self):

@@ -477,8 +477,8 @@ def fill_defaults(args, saved=None, fixed=MODEL_FLAGS):
                                f"with {name} = {saved[name]!r}; leave the flag out to take the checkpoint's")
             if given is None:
                 setattr(args, name, saved.get(name))
-    defaults = {"activation": "tanh", "schedule": "constant", "weight_decay": 0.0, "dtype": "float32", "seed": 0,
-                **PRESETS[args.task]}
+    defaults = {"activation": "tanh", "schedule": "constant", "weight_decay": 0.0, "dtype": "float32",
+                "seed": 0, **PRESETS[args.task]}
     if args.steps is not None or args.epochs is not None:      # one of them says how long
         defaults.pop("steps", None), defaults.pop("epochs", None)
     for name, value in defaults.items():
@@ -539,13 +539,14 @@ def run(args, log=print):
         raise RoaError(f"--steps {args.steps} and --epochs {args.epochs} both say how long to train: give one")
     if args.resume and args.init:
         raise RoaError("--resume continues a run and --init starts a new one from its parameters: give one")
-    checkpoint = load_checkpoint(args.resume or args.init) if args.resume or args.init else None
+    source = args.resume or args.init                   # the checkpoint to start from, if any
+    checkpoint = load_checkpoint(source) if source else None
     fill_defaults(args, checkpoint and checkpoint[0], MODEL_FLAGS if args.resume else ARCHITECTURE_FLAGS)
+    if args.weight_decay and args.optimizer != "adam":
+        raise RoaError(f"--weight-decay {args.weight_decay} is Adam's (AdamW); with --optimizer sgd leave it out")
     task = make_task(args, log)
     check_memory(args, task, array_module(args.device))
     model = make_model(args, task)
-    if args.weight_decay and args.optimizer != "adam":
-        raise RoaError(f"--weight-decay {args.weight_decay} is Adam's (AdamW); with --optimizer sgd leave it out")
     optimizer = Adam(args.lr, args.weight_decay) if args.optimizer == "adam" else SGD(args.lr)
     if args.steps is None and not isinstance(task, MNIST):
         raise RoaError(f"--epochs is for the MNIST tasks; {task.name} draws fresh data: use --steps")
@@ -553,7 +554,7 @@ def run(args, log=print):
     first = 0
     if checkpoint:
         _, saved_step, params, optim, filters = checkpoint
-        restore(model, args.resume or args.init, params, filters)
+        restore(model, source, params, filters)
     if args.resume:
         optimizer.load_state({k: a if a.ndim == 0 else model.xp.asarray(a) for k, a in optim.items()})
         first = saved_step
