@@ -12,9 +12,11 @@ Conventions (those of CS231n's layers.py):
   and returns the gradients, `dout` being dL/dout of the batch objective;
 - the same code runs on NumPy or CuPy arrays: `xp` is the module that owns
   the arrays it is given (CuPy's idiom), and `array_module` is the one
-  place where a device name becomes a module.
+  place where a device name becomes a module; `fuse` makes the element-wise
+  work of a layer one GPU kernel on CuPy and changes nothing on NumPy.
 """
 
+import functools
 from typing import Callable, NamedTuple
 
 import numpy
@@ -70,6 +72,13 @@ def get_array_module(a):
 def to_numpy(a):
     """A NumPy copy of a NumPy or CuPy array (for saving and printing)."""
     return a.get() if hasattr(a, "get") else numpy.asarray(a)
+
+
+def fuse(f):
+    """CuPy's kernel fusion (cupy.fuse): called with CuPy arrays, the
+    element-wise calls of f run as one GPU kernel; called with NumPy arrays
+    (or without CuPy), f runs call by call, as written."""
+    return f if cupy is None else cupy.fuse(f)
 
 
 # ---------------------------------------------------------- activations
@@ -176,6 +185,42 @@ def stack_WO(W, O, alpha):
     return xp.stack([W, alpha * O], axis=-3)
 
 
+# The element-wise work of one roa layer (or roaRNN time step) around its one
+# matrix product, as a function of the arrays it reads and writes: on CuPy,
+# fuse() makes each a single GPU kernel (a step is too small for anything but
+# launches to cost); on NumPy it runs call by call, in place.
+
+@functools.cache
+def forward_step_of(act):
+    """forward_step(y, shift, filtered, beta, x_next, d) for activation act:
+    from y = W x and filtered = alpha O x, writes x_next = alpha O x +
+    beta phi(W x + shift) and d = phi'(W x + shift), where shift is b (the
+    roaFNN) or U u_t + b (the roaRNN). y is overwritten."""
+
+    def forward_step(y, shift, filtered, beta, x_next, d):
+        y += shift                                         # eq (1): y = W x + b
+        act.phi(y)                                         # eq (2), in place: y holds phi(y) now
+        act.dphi(y, out=d)                                 # eq (4): d = phi'(y)
+        y *= beta
+        get_array_module(y).add(filtered, y, out=x_next)   # x_next = alpha O x + beta phi(y)
+
+    return fuse(forward_step)
+
+
+@fuse
+def backward_step(WT_dy, OT_delta, dL_dx, d, beta, delta, dy):
+    """From the two halves of the layer above's product, writes its delta =
+    W^T dy + alpha O^T delta (eq 7'), plus dL_dx where the loss reads this
+    state directly (None where it does not), then d * delta over d (kept for
+    the weight gradients) and dy = beta d * delta."""
+    xp = get_array_module(d)
+    xp.add(WT_dy, OT_delta, out=delta)
+    if dL_dx is not None:
+        delta += dL_dx
+    d *= delta
+    xp.multiply(d, beta, out=dy)
+
+
 def roa_forward(x, WO, b, beta, act):
     """L random orthogonal additive layers (MATH.md section 2):
 
@@ -192,14 +237,11 @@ def roa_forward(x, WO, b, beta, act):
     ds = xp.empty((L,) + x.shape, x.dtype)
     both = xp.empty((2,) + x.shape, x.dtype)
     y, filtered = both                                     # W_l x_l and alpha O_l x_l
+    forward_step = forward_step_of(act)
     xs[0] = x
     for l in range(L):
         xp.matmul(xs[l], WO[l].transpose(0, 2, 1), out=both)    # W_l x_l and alpha O_l x_l: one call
-        y += b[l]                                          # eq (1): y_l = W_l x_l + b_l
-        act.phi(y)                                         # eq (2), in place: y holds phi(y_l) now
-        act.dphi(y, out=ds[l])                             # eq (4): d_l = phi'(y_l)
-        y *= beta
-        xp.add(filtered, y, out=xs[l + 1])                 # x_{l+1} = alpha O_l x_l + beta phi(y_l)
+        forward_step(y, b[l], filtered, beta, xs[l + 1], ds[l])  # x_{l+1} and d_l
     return xs[L], (xs, ds, WO, beta)
 
 
@@ -212,23 +254,21 @@ def roa_backward(delta, cache):
 
         J_l = d x_{l+1} / d x_l = alpha O_l + beta diag(d_l) W_l,
 
-    from one batched product: (beta d_l * delta_{l+1}) W_l and delta_{l+1} alpha O_l.
-    It keeps d_l * delta_{l+1}, written over d_l in the cache (a cache serves
-    one backward pass), and reads all weight gradients off it afterwards in
-    one batched product (eq 3).
+    from one batched product: W_l^T (beta d_l * delta_{l+1}) and alpha O_l^T delta_{l+1},
+    which the next step adds up. It keeps d_l * delta_{l+1}, written over
+    d_l in the cache (a cache serves one backward pass), and reads all
+    weight gradients off it afterwards in one batched product (eq 3).
     Returns dL/dx_0 (B, N), dL/dW (L, N, N), dL/db (L, N).
     """
     xs, ds, WO, beta = cache
     xp = get_array_module(delta)
     L, B, N = ds.shape
-    pair, products = (xp.empty((2, B, N), ds.dtype) for _ in range(2))
-    dy, delta_now = pair                                   # beta diag(d_l) delta_{l+1}, delta_{l+1}
-    delta_now[...] = delta
-    for l in reversed(range(L)):
-        ds[l] *= delta_now                                 # d_l * delta_{l+1}, kept for dW
-        xp.multiply(ds[l], beta, out=dy)
+    pair, products = xp.empty((2, B, N), ds.dtype), xp.zeros((2, B, N), ds.dtype)
+    dy, delta_now = pair                                   # beta d_l * delta_{l+1}, delta_{l+1}
+    for l in reversed(range(L)):                           # products hold the halves of delta_{l+1}
+        backward_step(*products, delta if l == L - 1 else None, ds[l], beta, delta_now, dy)
         xp.matmul(pair, WO[l], out=products)               # W_l^T dy and alpha O_l^T delta_{l+1}
-        xp.add(products[0], products[1], out=delta_now)    # eq (7'): delta_l = J_l^T delta_{l+1}
+    xp.add(products[0], products[1], out=delta_now)        # eq (7'): delta_0 = J_0^T delta_1
     dW = ds.transpose(0, 2, 1) @ xs[:L]                    # eq (3): beta (d_l * delta_{l+1}) x_l^T
     db = ds.sum(axis=1)                                    # eq (3) without the outer product
     for grad in (dW, db):
@@ -270,13 +310,10 @@ def rnn_forward(u, h0, WO, U, b, beta, act):
     rows = hs[1:].reshape(T * B, N)
     xp.dot(u.reshape(T * B, -1), U.T, out=rows)
     rows += b
+    forward_step = forward_step_of(act)
     for t in range(1, T + 1):              # hs[t] = h_t; ds[t-1] = phi'(a_t)
         xp.matmul(hs[t - 1], WO.transpose(0, 2, 1), out=both)   # W h_{t-1} and alpha O h_{t-1}: one call
-        a += hs[t]                                         # a_t = W h_{t-1} + U u_t + b
-        act.phi(a)                                         # in place: a holds phi(a_t) now
-        act.dphi(a, out=ds[t - 1])
-        a *= beta
-        xp.add(filtered, a, out=hs[t])                     # h_t = alpha O h_{t-1} + beta phi(a_t)
+        forward_step(a, hs[t], filtered, beta, hs[t], ds[t - 1])  # h_t, a_t = W h_{t-1} + U u_t + b
     return hs[1:], (u, hs, ds, WO, beta)
 
 
@@ -301,15 +338,13 @@ def rnn_backward(dhs, cache):
     xp = get_array_module(dhs)
     T, B, N = ds.shape
     first_seen = T - dhs.shape[0]                     # h_t with t > first_seen feed the loss directly
-    pair, products = xp.zeros((2, B, N), ds.dtype), xp.empty((2, B, N), ds.dtype)
+    pair, products = xp.empty((2, B, N), ds.dtype), xp.zeros((2, B, N), ds.dtype)
     dz, g = pair                                           # dz_t and g_t
-    for t in range(T, 0, -1):
-        if t > first_seen:
-            g += dhs[t - 1 - first_seen]                   # the loss's gradient at h_t
-        ds[t - 1] *= g                                     # g_t * phi'(a_t), kept for the weight gradients
-        xp.multiply(ds[t - 1], beta, out=dz)               # dz_t = beta g_t * phi'(a_t)
+    for t in range(T, 0, -1):                              # products hold the halves of g_t
+        dL_dh = dhs[t - 1 - first_seen] if t > first_seen else None     # the loss's gradient at h_t
+        backward_step(*products, dL_dh, ds[t - 1], beta, g, dz)         # g_t; dz_t = beta g_t * phi'(a_t)
         xp.matmul(pair, WO, out=products)                  # W^T dz_t and alpha O^T g_t
-        xp.add(products[0], products[1], out=g)            # g_{t-1}
+    xp.add(products[0], products[1], out=g)                # g_0
     rows = ds.reshape(T * B, N)                            # g_t * phi'(a_t) = dz_t / beta
     dW = rows.T @ hs[:T].reshape(T * B, N)                 # sum_t dz_t h_{t-1}^T
     dU = rows.T @ u.reshape(T * B, -1)                     # sum_t dz_t u_t^T
