@@ -173,6 +173,24 @@ def linear_backward(dy, cache):
     return dy @ W, dW, dy_rows.sum(axis=0)
 
 
+def dropout_forward(x, p, rng):
+    """Inverted dropout (Srivastava et al. 2014) on x, any shape. Training
+    (rng, a NumPy Generator, given and p > 0): every entry is zeroed with
+    probability p and the others are scaled by 1 / (1 - p), so that the
+    output's expectation is x; the mask is drawn on the CPU (the same mask on
+    every backend). Evaluation (rng None) or p = 0: the identity, mask None.
+    Returns (out, mask)."""
+    if rng is None or p == 0:
+        return x, None
+    mask = get_array_module(x).asarray((rng.random(x.shape) >= p) / (1 - p), dtype=x.dtype)
+    return x * mask, mask
+
+
+def dropout_backward(dout, mask):
+    """dx = dout * mask: a kept entry passes its gradient, scaled like itself; a dropped one none."""
+    return dout if mask is None else dout * mask
+
+
 def stack_WO(W, O, alpha):
     """The pair (W, alpha O) as one array: (..., 2, N, N) from W, O (..., N, N).
 

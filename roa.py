@@ -4,8 +4,9 @@
     roaRNN:  h_t     = alpha O h_{t-1} + beta phi(W h_{t-1} + U u_t + b)
 
 The models hold their parameters in a dict of arrays (NumPy or CuPy) and
-expose forward(u) -> (z, cache) and backward(dz, cache) -> grads, the
-gradients having the same names as the parameters. The backward passes
+expose forward(u, rng=None) -> (z, cache) and backward(dz, cache) -> grads,
+the gradients having the same names as the parameters; forward with an rng
+is a training pass (dropout on the readout's input, where asked for). The backward passes
 themselves live in autograd.py.
 """
 
@@ -23,9 +24,9 @@ from typing import NamedTuple
 
 import numpy
 
-from autograd import (ACTIVATIONS, SGD, Adam, RoaError, activation, array_module, free_memory,
-                      linear_backward, linear_forward, random_orthogonal, roa_backward, roa_forward,
-                      rnn_backward, rnn_forward, stack_WO, to_numpy)
+from autograd import (ACTIVATIONS, SGD, Adam, RoaError, activation, array_module, dropout_backward,
+                      dropout_forward, free_memory, linear_backward, linear_forward, random_orthogonal,
+                      roa_backward, roa_forward, rnn_backward, rnn_forward, stack_WO, to_numpy)
 from tasks import MNIST, Adding, Copy, DeepMNIST, PsMNIST, on_device
 
 DTYPES = ("float32", "float64")
@@ -55,13 +56,15 @@ def kept_bytes(unrolled, batch, width, dtype):
 
 class Model:
     """What roaFNN and roaRNN share: checked hyperparameters, the array module,
-    the fixed orthogonal filters O and the trained parameters."""
+    the fixed orthogonal filters O, the trained parameters and the readout
+    z = V x + c, with dropout on its input x in training."""
 
-    def __init__(self, alpha, beta, activation_name, dtype, seed, device):
+    def __init__(self, alpha, beta, activation_name, dtype, seed, device, dropout):
         require(is_number(alpha) and math.isfinite(alpha) and alpha >= 0, "alpha", alpha, "a finite number >= 0")
         require(is_number(beta) and math.isfinite(beta) and beta > 0, "beta", beta, "a finite number > 0")
+        require(is_number(dropout) and 0 <= dropout < 1, "dropout", dropout, "a number >= 0 and < 1")
         require(dtype in DTYPES, "dtype", dtype, f"one of {DTYPES}")
-        self.alpha, self.beta = float(alpha), float(beta)
+        self.alpha, self.beta, self.dropout = float(alpha), float(beta), float(dropout)
         self.act = activation(activation_name)
         self.xp = array_module(device)
         self.dtype = dtype
@@ -89,6 +92,18 @@ class Model:
         for name, a in arrays.items():
             self.params[name][...] = self.xp.asarray(a)
 
+    def readout_forward(self, x, rng):
+        """z = V dropout(x) + c; dropout only in a training pass (rng given)."""
+        x, mask = dropout_forward(x, self.dropout, rng)
+        z, out_cache = linear_forward(x, self.params["V"], self.params["c"])
+        return z, (mask, out_cache)
+
+    def readout_backward(self, dz, cache):
+        """dL/dx, dL/dV, dL/dc of readout_forward."""
+        mask, out_cache = cache
+        dx, dV, dc = linear_backward(dz, out_cache)
+        return dropout_backward(dx, mask), dV, dc
+
 
 class RoaFNN(Model):
     """Input projection, L roa layers of width N, linear readout:
@@ -102,10 +117,10 @@ class RoaFNN(Model):
     input_layer = "W_in"        # the weights the gradient reaches last
 
     def __init__(self, n_in, n_out, width, depth, alpha, beta, activation="tanh",
-                 dtype="float64", seed=0, device="cpu"):
+                 dtype="float64", seed=0, device="cpu", dropout=0.0):
         for name, value in [("n_in", n_in), ("n_out", n_out), ("width", width), ("depth", depth)]:
             require_size(name, value)
-        super().__init__(alpha, beta, activation, dtype, seed, device)
+        super().__init__(alpha, beta, activation, dtype, seed, device, dropout)
         N, L = width, depth
         W_in, W, V = self.gaussian((N, n_in), n_in), self.gaussian((L, N, N), N), self.gaussian((n_out, N), N)
         self.params = self.to_device({"W_in": W_in, "b_in": numpy.zeros(N), "b": numpy.zeros((L, N)),
@@ -117,19 +132,20 @@ class RoaFNN(Model):
         L, N = self.params["b"].shape
         return kept_bytes(L, u_shape[0], N, self.dtype)
 
-    def forward(self, u):
-        """u: (B, n_in) -> scores z: (B, n_out), and the cache for backward."""
+    def forward(self, u, rng=None):
+        """u: (B, n_in) -> scores z: (B, n_out), and the cache for backward.
+        rng: a training pass, drawing the dropout masks from it."""
         p = self.params
         x0, in_cache = linear_forward(u, p["W_in"], p["b_in"])
         xL, roa_cache = roa_forward(x0, self.WO, p["b"], self.beta, self.act)
-        z, out_cache = linear_forward(xL, p["V"], p["c"])
+        z, out_cache = self.readout_forward(xL, rng)
         return z, (in_cache, roa_cache, out_cache)
 
     def backward(self, dz, cache):
         """dz = dL/dz -> the gradient of every parameter."""
         in_cache, roa_cache, out_cache = cache
         g = {}
-        dxL, g["V"], g["c"] = linear_backward(dz, out_cache)
+        dxL, g["V"], g["c"] = self.readout_backward(dz, out_cache)
         dx0, g["W"], g["b"] = roa_backward(dxL, roa_cache)
         _, g["W_in"], g["b_in"] = linear_backward(dx0, in_cache)
         return g
@@ -150,11 +166,11 @@ class RoaRNN(Model):
     input_layer = "U"           # the weights the gradient reaches last
 
     def __init__(self, n_in, n_out, hidden, alpha, beta, activation="tanh", readout="last",
-                 dtype="float64", seed=0, device="cpu"):
+                 dtype="float64", seed=0, device="cpu", dropout=0.0):
         for name, value in [("n_in", n_in), ("n_out", n_out), ("hidden", hidden)]:
             require_size(name, value)
         require(readout in self.READOUTS, "readout", readout, f"one of {self.READOUTS}")
-        super().__init__(alpha, beta, activation, dtype, seed, device)
+        super().__init__(alpha, beta, activation, dtype, seed, device, dropout)
         N = hidden
         self.readout = readout
         W, U, V = self.gaussian((N, N), N), self.gaussian((N, n_in), n_in), self.gaussian((n_out, N), N)
@@ -165,19 +181,20 @@ class RoaRNN(Model):
         """kept_bytes for inputs of shape u_shape = (T, B, n_in)."""
         return kept_bytes(u_shape[0], u_shape[1], self.params["b"].shape[0], self.dtype)
 
-    def forward(self, u):
-        """u: (T, B, n_in) -> z: (B, n_out) or (T, B, n_out), and the cache."""
+    def forward(self, u, rng=None):
+        """u: (T, B, n_in) -> z: (B, n_out) or (T, B, n_out), and the cache.
+        rng: a training pass, drawing the dropout masks from it."""
         p = self.params
         h0 = self.xp.zeros((u.shape[1], p["b"].shape[0]), dtype=u.dtype)
         hs, rnn_cache = rnn_forward(u, h0, self.WO, p["U"], p["b"], self.beta, self.act)
-        z, out_cache = linear_forward(hs[-1] if self.readout == "last" else hs, p["V"], p["c"])
+        z, out_cache = self.readout_forward(hs[-1] if self.readout == "last" else hs, rng)
         return z, (rnn_cache, out_cache)
 
     def backward(self, dz, cache):
         """dz = dL/dz -> the gradient of every parameter, by BPTT."""
         rnn_cache, out_cache = cache
         g = {}
-        dh, g["V"], g["c"] = linear_backward(dz, out_cache)
+        dh, g["V"], g["c"] = self.readout_backward(dz, out_cache)
         dhs = dh[None] if self.readout == "last" else dh      # the loss sees h_T, or every h_t
         _, g["W"], g["U"], g["b"] = rnn_backward(dhs, rnn_cache)
         return g
@@ -233,7 +250,7 @@ def train_step(model, task, optimizer, seed, step, batch):
     loss and the norm of the gradient that reached the input layer.
     A loss or gradient that is not finite stops training before the update."""
     u, y = on_device(model.xp, *task.train_batch(seed, step - 1, batch), model.dtype)
-    z, cache = model.forward(u)
+    z, cache = model.forward(u, numpy.random.default_rng([seed, step - 1, 1]))   # this step's dropout
     loss, dz = task.loss(z, y)
     grads = model.backward(dz, cache)
     bad = [name for name, g in grads.items() if not bool(model.xp.isfinite(g).all())]
@@ -399,7 +416,7 @@ PRESETS = {
 # what a checkpoint's parameters fix: starting from them (--init) with another value is a mistake
 ARCHITECTURE_FLAGS = ("task", "hidden", "depth", "alpha", "beta", "activation", "dtype", "seed")
 # what a checkpoint's run fixes: resuming it (--resume) with another value is a mistake
-MODEL_FLAGS = ARCHITECTURE_FLAGS + ("length", "optimizer", "lr", "schedule", "weight_decay", "batch")
+MODEL_FLAGS = ARCHITECTURE_FLAGS + ("length", "optimizer", "lr", "schedule", "weight_decay", "dropout", "batch")
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "mnist")
 
 
@@ -440,6 +457,8 @@ def parse_args(argv):
                    "along half a cosine over the run's steps (default constant)")
     p.add_argument("--weight-decay", type=number(float, 0, False), help="Adam's decoupled weight decay "
                    "lambda: each step every parameter shrinks by the factor 1 - lr lambda (default 0)")
+    p.add_argument("--dropout", type=number(float, 0, False), help="in training, the probability of "
+                   "zeroing each input of the readout (inverted dropout; default 0)")
     p.add_argument("--batch", type=number(int, 1, False), help="mini-batch size")
     p.add_argument("--steps", type=number(int, 1, False), help="training steps in all (a resumed run "
                    "continues up to this step)")
@@ -477,7 +496,7 @@ def fill_defaults(args, saved=None, fixed=MODEL_FLAGS):
                                f"with {name} = {saved[name]!r}; leave the flag out to take the checkpoint's")
             if given is None:
                 setattr(args, name, saved.get(name))
-    defaults = {"activation": "tanh", "schedule": "constant", "weight_decay": 0.0, "dtype": "float32",
+    defaults = {"activation": "tanh", "schedule": "constant", "weight_decay": 0.0, "dropout": 0.0, "dtype": "float32",
                 "seed": 0, **PRESETS[args.task]}
     if args.steps is not None or args.epochs is not None:      # one of them says how long
         defaults.pop("steps", None), defaults.pop("epochs", None)
@@ -499,7 +518,7 @@ def make_task(args, log):
 
 def make_model(args, task):
     common = dict(alpha=args.alpha, beta=args.beta, activation=args.activation, dtype=args.dtype,
-                  seed=args.seed, device=args.device)
+                  seed=args.seed, device=args.device, dropout=args.dropout)
     if task.model == "fnn":
         return RoaFNN(task.n_in, task.n_out, width=args.hidden, depth=args.depth, **common)
     return RoaRNN(task.n_in, task.n_out, hidden=args.hidden, readout=task.readout, **common)
@@ -525,9 +544,10 @@ def check_memory(args, task, xp):
 def describe(args, task, steps):
     shape = (f"roaFNN L={args.depth} N={args.hidden}" if task.model == "fnn"
              else f"T={task.T} | roaRNN N={args.hidden}")
-    decay = f" weight decay {args.weight_decay}" if args.weight_decay else ""
+    regularisers = (f" weight decay {args.weight_decay}" if args.weight_decay else "") + \
+        (f" dropout {args.dropout}" if args.dropout else "")
     return (f"roa: {task.name} {shape} alpha={args.alpha} beta={args.beta} {args.activation} | "
-            f"{args.optimizer} lr={args.lr} ({args.schedule}){decay} batch {args.batch} | {steps} steps | "
+            f"{args.optimizer} lr={args.lr} ({args.schedule}){regularisers} batch {args.batch} | {steps} steps | "
             f"{args.device} {args.dtype} | seed {args.seed}")
 
 

@@ -52,9 +52,10 @@ def rel_error(a, b):
     return 0.0 if scale == 0 else numpy.linalg.norm(a - b) / scale
 
 
-def batch_loss(model, u, target, loss_name):
-    """The batch objective and its gradient dL/dz: forward, then the loss."""
-    z, cache = model.forward(u)
+def batch_loss(model, u, target, loss_name, mask_seed=None):
+    """The batch objective and its gradient dL/dz: forward, then the loss. With
+    mask_seed, a training pass whose dropout masks are the same at every call."""
+    z, cache = model.forward(u, None if mask_seed is None else numpy.random.default_rng(mask_seed))
     loss_fn = ag.mse_loss if loss_name == "mse" else ag.softmax_cross_entropy
     loss, dz = loss_fn(z, target)
     return loss, dz, cache
@@ -74,7 +75,7 @@ def numeric_gradient(f, a, h=1e-5):
     return grad
 
 
-def assert_gradients_match(model, u, target, loss_name):
+def assert_gradients_match(model, u, target, loss_name, mask_seed=None):
     """Every parameter's backprop gradient equals central finite differences (rel. error <= 1e-6).
 
     Central differences in float64 carry a rounding error of about eps |L| / h,
@@ -84,11 +85,11 @@ def assert_gradients_match(model, u, target, loss_name):
     differences are exactly zero, the true gradient is below their resolution
     (it may be zero, or as small as 1e-107 when alpha is): backprop's must be too.
     """
-    loss, dz, cache = batch_loss(model, u, target, loss_name)
+    loss, dz, cache = batch_loss(model, u, target, loss_name, mask_seed)
     grads = model.backward(dz, cache)
     assert set(grads) == set(model.params)
     for name, p in model.params.items():
-        numeric = numeric_gradient(lambda: batch_loss(model, u, target, loss_name)[0], p)
+        numeric = numeric_gradient(lambda: batch_loss(model, u, target, loss_name, mask_seed)[0], p)
         size = numpy.linalg.norm(numeric)
         if size == 0:
             assert numpy.linalg.norm(grads[name]) <= 1e-9 * (1 + abs(loss)), name
@@ -133,6 +134,26 @@ def build_case(spec, device="cpu"):
 @given(fnn_specs())
 def test_fnn_gradients_equal_finite_differences(spec):
     assert_gradients_match(*build_case(spec))
+
+
+@given(fnn_specs(), st.floats(0.1, 0.9), seeds)
+def test_fnn_gradients_with_dropout_equal_finite_differences(spec, p, mask_seed):
+    kwargs, *rest = spec
+    assert_gradients_match(*build_case(({**kwargs, "dropout": p}, *rest)), mask_seed)
+
+
+@given(seeds, st.floats(0.05, 0.95))
+def test_dropout_zeroes_a_fraction_p_and_scales_the_rest(seed, p):
+    """Inverted dropout: each entry is 0 or x / (1 - p), the zeros are a
+    fraction p (within 6 binomial standard deviations), the gradient takes
+    the same mask; without an rng (evaluation) it is the identity."""
+    x = 1 + numpy.random.default_rng(seed).random((100, 60))           # no zeros of its own
+    out, mask = ag.dropout_forward(x, p, numpy.random.default_rng(seed + 1))
+    kept = out != 0
+    assert numpy.allclose(out[kept], x[kept] / (1 - p), rtol=1e-15, atol=0)
+    assert abs((~kept).mean() - p) <= 6 * numpy.sqrt(p * (1 - p) / x.size)
+    assert numpy.array_equal(ag.dropout_backward(x, mask), x * mask)
+    assert ag.dropout_forward(x, p, None) == (x, None) and ag.dropout_backward(x, None) is x
 
 
 # ------------------------------------------------------ 2. orthogonal sampler
@@ -385,12 +406,14 @@ def test_numpy_and_cupy_agree_on_forward_and_backward(spec):
 
 @st.composite
 def rnn_cases(draw, device="cpu"):
-    """A float64 roaRNN on `device`, either readout, with a batch of sequences and targets there."""
+    """A float64 roaRNN on `device`, either readout, with or without dropout, with a batch of
+    sequences and targets there."""
     readout = draw(st.sampled_from(roa.RoaRNN.READOUTS))
     loss_name = draw(st.sampled_from(["mse", "xent"]))
     n_in, n_out = draw(st.integers(1, 3)), draw(st.integers(2, 3))
     shape = dict(n_in=n_in, n_out=n_out, hidden=draw(st.integers(1, 4)), alpha=draw(alphas), beta=draw(betas),
-                 activation=draw(activations), readout=readout, dtype="float64", seed=draw(seeds))
+                 activation=draw(activations), readout=readout, dtype="float64", seed=draw(seeds),
+                 dropout=draw(st.sampled_from([0.0, 0.5])))
     model = roa.RoaRNN(**shape)
     rng = numpy.random.default_rng(draw(seeds))
     T, B = draw(st.integers(1, 6)), draw(st.integers(1, 3))
@@ -405,7 +428,7 @@ def rnn_cases(draw, device="cpu"):
     if device != "cpu":
         model = roa.RoaRNN(**shape, device=device)
         u, target = model.xp.asarray(u), model.xp.asarray(target)
-    return model, u, target, loss_name
+    return model, u, target, loss_name, draw(seeds)         # the last: the seed of the dropout masks
 
 
 def rnn_preactivations_clear_of_kink(model, u):
@@ -654,6 +677,8 @@ def bad_inputs(tmp_path):
         (TINY + ["--init", str(wrong_shape)], "parameter W"),
         (TINY + ["--init", str(tmp_path / "good.npz"), "--resume", str(tmp_path / "good.npz")], "--init"),
         (TINY + ["--optimizer", "sgd", "--weight-decay", "0.1"], "--weight-decay 0.1"),
+        (TINY + ["--dropout", "1"], "dropout"), (TINY + ["--dropout", "-0.1"], "-0.1"),
+        (TINY + ["--resume", str(tmp_path / "good.npz"), "--dropout", "0.5"], "--dropout 0.5"),
         (["--task", "psmnist", "--data-dir", str(mnist), "--validation", "8", "--batch", "64",
           "--steps", "2"], "--batch"),
     ]
@@ -714,8 +739,9 @@ def test_init_starts_a_new_run_from_the_saved_parameters(tmp_path):
 
 
 def test_resume_is_exact_bit_for_bit(tmp_path):
-    """N steps in one go == k steps, save, resume, N - k steps (NumPy float64, Adam)."""
-    flags = TINY + ["--dtype", "float64", "--quiet"]
+    """N steps in one go == k steps, save, resume, N - k steps (NumPy float64,
+    Adam, dropout: its masks too depend on (seed, step) alone)."""
+    flags = TINY + ["--dropout", "0.2", "--dtype", "float64", "--quiet"]
     assert roa.main(flags[:-3] + ["--steps", "10", "--save", str(tmp_path / "one.npz"), "--dtype",
                                   "float64", "--quiet"]) == 0
     assert roa.main(flags[:-3] + ["--steps", "4", "--save", str(tmp_path / "two.npz"), "--dtype",
