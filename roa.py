@@ -6,8 +6,8 @@
 The models hold their parameters in a dict of arrays (NumPy or CuPy) and
 expose forward(u, rng=None) -> (z, cache) and backward(dz, cache) -> grads,
 the gradients having the same names as the parameters; forward with an rng
-is a training pass (dropout on the readout's input, where asked for). The backward passes
-themselves live in autograd.py.
+is a training pass (dropout on the readout's input, where asked for). The
+backward passes themselves live in autograd.py.
 """
 
 import argparse
@@ -27,7 +27,7 @@ import numpy
 from autograd import (ACTIVATIONS, SGD, Adam, RoaError, activation, array_module, dropout_backward,
                       dropout_forward, free_memory, linear_backward, linear_forward, random_orthogonal,
                       roa_backward, roa_forward, rnn_backward, rnn_forward, stack_WO, to_numpy)
-from tasks import MNIST, Adding, Copy, DeepMNIST, PsMNIST, on_device
+from tasks import MNIST, Adding, Copy, DeepMNIST, PsMNIST, on_device, step_rng
 
 DTYPES = ("float32", "float64")
 
@@ -250,7 +250,7 @@ def train_step(model, task, optimizer, seed, step, batch):
     loss and the norm of the gradient that reached the input layer.
     A loss or gradient that is not finite stops training before the update."""
     u, y = on_device(model.xp, *task.train_batch(seed, step - 1, batch), model.dtype)
-    z, cache = model.forward(u, numpy.random.default_rng([seed, step - 1, 1]))   # this step's dropout
+    z, cache = model.forward(u, step_rng(seed, step - 1, stream=1))      # this step's dropout masks
     loss, dz = task.loss(z, y)
     grads = model.backward(dz, cache)
     bad = [name for name, g in grads.items() if not bool(model.xp.isfinite(g).all())]

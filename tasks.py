@@ -29,10 +29,11 @@ def heldout_rng(split):
     return numpy.random.default_rng([0, split])
 
 
-def step_rng(seed, step):
-    """The generator of training batch `step`: batches depend on (seed, step) alone,
-    so a run resumed at any step sees exactly the batches it would have seen."""
-    return numpy.random.default_rng([seed, step, 0])
+def step_rng(seed, step, stream=0):
+    """The generator of training step `step`'s batch (stream 0) or dropout masks
+    (stream 1): they depend on (seed, step) alone, so a run resumed at any step
+    sees exactly the batches and masks it would have seen."""
+    return numpy.random.default_rng([seed, step, stream])
 
 
 def accuracy(z, labels):
