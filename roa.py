@@ -115,6 +115,9 @@ class RoaFNN(Model):
     alpha = 0, beta = 1 is the plain multilayer perceptron baseline.
     """
     input_layer = "W_in"        # the weights the gradient reaches last
+    BLOCK = 1000                # layers per roa_forward call: backward frees each block's kept
+                                # activations once its weight gradients are formed, so the (L, N, N)
+                                # weight gradient does not pile up on top of all of them
 
     def __init__(self, n_in, n_out, width, depth, alpha, beta, activation="tanh",
                  dtype="float64", seed=0, device="cpu", dropout=0.0):
@@ -136,19 +139,34 @@ class RoaFNN(Model):
         """u: (B, n_in) -> scores z: (B, n_out), and the cache for backward.
         rng: a training pass, drawing the dropout masks from it."""
         p = self.params
-        x0, in_cache = linear_forward(u, p["W_in"], p["b_in"])
-        xL, roa_cache = roa_forward(x0, self.WO, p["b"], self.beta, self.act)
-        z, out_cache = self.readout_forward(xL, rng)
-        return z, (in_cache, roa_cache, out_cache)
+        x, in_cache = linear_forward(u, p["W_in"], p["b_in"])
+        roa_caches = []
+        for layers in self.blocks():                    # x_0 -> x_L, BLOCK layers at a time
+            x, block_cache = roa_forward(x, self.WO[layers], p["b"][layers], self.beta, self.act)
+            roa_caches.append(block_cache)
+        z, out_cache = self.readout_forward(x, rng)
+        return z, (in_cache, roa_caches, out_cache)
 
     def backward(self, dz, cache):
-        """dz = dL/dz -> the gradient of every parameter."""
-        in_cache, roa_cache, out_cache = cache
+        """dz = dL/dz -> the gradient of every parameter. It empties the
+        cache's list of blocks: each block's activations are freed as soon as
+        its weight gradients are formed (a cache serves one backward pass)."""
+        in_cache, roa_caches, out_cache = cache
         g = {}
-        dxL, g["V"], g["c"] = self.readout_backward(dz, out_cache)
-        dx0, g["W"], g["b"] = roa_backward(dxL, roa_cache)
-        _, g["W_in"], g["b_in"] = linear_backward(dx0, in_cache)
+        dx, g["V"], g["c"] = self.readout_backward(dz, out_cache)
+        dWs, dbs = [], []
+        while roa_caches:                               # the last block first
+            dx, dW, db = roa_backward(dx, roa_caches.pop())
+            dWs.insert(0, dW)
+            dbs.insert(0, db)
+        g["W"], g["b"] = self.xp.concatenate(dWs), self.xp.concatenate(dbs)
+        _, g["W_in"], g["b_in"] = linear_backward(dx, in_cache)
         return g
+
+    def blocks(self):
+        """Slices of at most BLOCK consecutive layers, covering 0 .. L-1."""
+        L = self.params["b"].shape[0]
+        return [slice(start, min(start + self.BLOCK, L)) for start in range(0, L, self.BLOCK)]
 
 
 class RoaRNN(Model):

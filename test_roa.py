@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import tempfile
+import tracemalloc
 
 import numpy
 import pytest
@@ -99,8 +100,9 @@ def assert_gradients_match(model, u, target, loss_name, mask_seed=None):
 
 
 def fnn_preactivations(model, u):
-    """y_l = W_l x_l + b_l of every roa layer, from the cached x_l."""
-    _, (_, (xs, *_), _) = model.forward(u)
+    """y_l = W_l x_l + b_l of every roa layer, from the cached x_l (of the
+    one block of layers: these nets are shallower than roa.RoaFNN.BLOCK)."""
+    _, (_, [(xs, *_)], _) = model.forward(u)
     return ag.to_numpy(xs[:-1] @ model.params["W"].transpose(0, 2, 1) + model.params["b"][:, None, :])
 
 
@@ -140,6 +142,38 @@ def test_fnn_gradients_equal_finite_differences(spec):
 def test_fnn_gradients_with_dropout_equal_finite_differences(spec, p, mask_seed):
     kwargs, *rest = spec
     assert_gradients_match(*build_case(({**kwargs, "dropout": p}, *rest)), mask_seed)
+
+
+@given(fnn_specs(), st.integers(1, 3))
+def test_fnn_in_blocks_of_layers_gives_the_same_scores_and_gradients(spec, block):
+    """RoaFNN runs its layers BLOCK at a time, one roa_forward / roa_backward
+    per block, the last block's dL/dx_0 being the next one's delta: any block
+    size gives the scores and gradients of one block of all the layers."""
+    model, u, target, loss_name = build_case(spec)
+    loss, dz, cache = batch_loss(model, u, target, loss_name)
+    whole = model.backward(dz, cache)
+    model.BLOCK = block
+    assert len(model.blocks()) == -(-spec[0]["depth"] // block)
+    block_loss, dz, cache = batch_loss(model, u, target, loss_name)
+    assert block_loss == pytest.approx(loss, rel=1e-12)
+    for name, grad in model.backward(dz, cache).items():
+        assert numpy.allclose(grad, whole[name], rtol=1e-12, atol=1e-300), name
+
+
+def test_deep_fnn_step_stays_within_1_5x_of_the_kept_activations():
+    """A training step's peak memory stays within 1.5x of the activations that
+    backprop keeps, even at batch = width, where the (L, N, N) weight gradient
+    alone is half their size: backward frees each block of layers as soon as
+    its weight gradients are formed."""
+    L, N = 2 * roa.RoaFNN.BLOCK, 16
+    model = roa.RoaFNN(N, 2, N, L, 1.0, 1.0 / L, dtype="float32")
+    u = numpy.random.default_rng(0).standard_normal((N, N)).astype(numpy.float32)
+    tracemalloc.start()
+    _, dz, cache = batch_loss(model, u, numpy.zeros(N, dtype=int), "xent")
+    ag.SGD(0.1).step(model.params, model.backward(dz, cache))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak <= 1.5 * model.kept_bytes(u.shape)
 
 
 @given(seeds, st.floats(0.05, 0.95))
