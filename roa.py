@@ -305,12 +305,49 @@ def learning_rate(plan, step):
     return plan.lr
 
 
-def train(model, task, optimizer, plan, log=print, save=None, record=None):
+class WeightAverage:
+    """Stochastic weight averaging (Izmailov et al. 2018): the running mean of
+    the parameters at the validation reports from step `start` on. Late in a
+    run the steps wander about a minimum; their mean lies nearer its middle."""
+
+    def __init__(self, start):
+        self.start, self.count, self.mean = start, 0, {}
+
+    def fold(self, params):
+        """Take the parameters into the mean: mean += (params - mean) / count."""
+        self.count += 1
+        if self.count == 1:
+            self.mean = {k: p.copy() for k, p in params.items()}
+        for k, p in params.items():
+            self.mean[k] += (p - self.mean[k]) / self.count
+
+    def state(self):
+        return {"count": self.count, **{f"mean.{k}": a for k, a in self.mean.items()}}
+
+    def load_state(self, state, xp):
+        self.count = int(state["count"])
+        self.mean = {k[5:]: xp.asarray(a) for k, a in state.items() if k.startswith("mean.")}
+
+
+def evaluate_params(model, params, task, data):
+    """evaluate() with `params` in the model for the while."""
+    if params is model.params:
+        return evaluate(model, task, data)
+    trained = {k: v.copy() for k, v in model.params.items()}
+    model.set_params(params)
+    scores = evaluate(model, task, data)
+    model.set_params(trained)
+    return scores
+
+
+def train(model, task, optimizer, plan, log=print, save=None, record=None, average=None):
     """Train by plan, reporting the validation metrics every plan.eval_every
     steps (to `log`, and as a dict to `record`), calling save(step) on
     schedule, at the end and on Ctrl-C. The model keeps training to the last
     step; the test set then scores the parameters of the report with the best
-    validation metric. Returns (test loss, test metric, step of those parameters)."""
+    validation metric. With a WeightAverage, the reports from its start step
+    on fold the parameters into it and validate (and may choose) its mean.
+    Returns (test loss, test metric, step of the chosen parameters)."""
     start, train_seconds, losses = time.time(), 0.0, []
     best = None                 # (validation metric, step, parameters)
     last_line = start
@@ -326,20 +363,26 @@ def train(model, task, optimizer, plan, log=print, save=None, record=None):
             pace = (f"{done * plan.batch / train_seconds:,.0f} ex/s  elapsed {clock(elapsed)}  "
                     f"ETA {clock(elapsed / done * (plan.steps - step))}")
             if step % plan.eval_every == 0 or step == plan.steps:
-                val_loss, val_metric = evaluate(model, task, task.validation)
+                candidate, averaged = model.params, 0
+                if average and step >= average.start:
+                    average.fold(model.params)
+                    candidate, averaged = average.mean, average.count
+                val_loss, val_metric = evaluate_params(model, candidate, task, task.validation)
                 report = dict(step=step, loss=float(numpy.mean(losses)), val_loss=val_loss,
                               val_metric=val_metric, input_grad_norm=input_grad,
-                              examples_per_s=done * plan.batch / train_seconds, elapsed_s=elapsed)
+                              examples_per_s=done * plan.batch / train_seconds, elapsed_s=elapsed,
+                              averaged=averaged)
+                mean_of = f" (mean of {averaged} reports)" if averaged else ""
                 log(f"step {step:>{len(str(plan.steps))}}/{plan.steps}  loss {report['loss']:.4f}  "
                     f"val loss {val_loss:.4f} (baseline {task.baseline:.3f})  "
-                    f"val {task.metric_name} {val_metric:.4f}  |grad {model.input_layer}| {input_grad:.2e}  "
-                    + pace)
+                    f"val {task.metric_name} {val_metric:.4f}{mean_of}  "
+                    f"|grad {model.input_layer}| {input_grad:.2e}  " + pace)
                 last_line = time.time()
                 if record:
                     record(report)
                 losses = []
                 if best is None or task.better(val_metric, best[0]):
-                    best = (val_metric, step, {k: v.copy() for k, v in model.params.items()})
+                    best = (val_metric, step, {k: v.copy() for k, v in candidate.items()})
             elif time.time() - last_line > HEARTBEAT_SECONDS:     # slow steps: say where we are
                 log(f"step {step:>{len(str(plan.steps))}}/{plan.steps}  loss {losses[-1]:.4f}  " + pace)
                 last_line = time.time()
@@ -349,11 +392,7 @@ def train(model, task, optimizer, plan, log=print, save=None, record=None):
             if stop.requested:
                 raise Interrupted(step)
     _, best_step, best_params = best
-    trained = {k: v.copy() for k, v in model.params.items()}
-    model.set_params(best_params)
-    test_loss, test_metric = evaluate(model, task, task.test)
-    model.set_params(trained)
-    return test_loss, test_metric, best_step
+    return (*evaluate_params(model, best_params, task, task.test), best_step)
 
 
 def clock(seconds):
@@ -363,12 +402,13 @@ def clock(seconds):
 
 # --------------------------------------------------------- checkpoints
 
-def save_checkpoint(path, model, optimizer, step, config):
-    """Write parameters, optimiser state, step and configuration to the .npz
-    `path` atomically: into a temporary file first, then renamed over it, so
-    an interrupted save leaves the previous checkpoint whole."""
+def save_checkpoint(path, model, optimizer, step, config, average=None):
+    """Write parameters, optimiser state, weight average (if any), step and
+    configuration to the .npz `path` atomically: into a temporary file first,
+    then renamed over it, so an interrupted save leaves the previous checkpoint whole."""
     arrays = {f"param.{k}": to_numpy(v) for k, v in model.params.items()}
     arrays.update({f"optim.{k}": to_numpy(v) for k, v in optimizer.state().items()})
+    arrays.update({f"average.{k}": to_numpy(v) for k, v in (average.state() if average else {}).items()})
     arrays.update(step=numpy.array(step), config=numpy.array(json.dumps(config)),
                   filters=model.filters)
     temporary = path + ".tmp"
@@ -393,7 +433,8 @@ def filter_fingerprint(O):
 
 
 def load_checkpoint(path):
-    """(config, step, parameters, optimiser state) from a checkpoint, never unpickling."""
+    """(config, step, parameters, optimiser state, filters, weight average state)
+    from a checkpoint, never unpickling."""
     try:
         with numpy.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
@@ -404,7 +445,8 @@ def load_checkpoint(path):
         raise RoaError(f"{path!r} is not a readable roa checkpoint ({err})") from None
     params = {k[6:]: a for k, a in arrays.items() if k.startswith("param.")}
     optim = {k[6:]: a for k, a in arrays.items() if k.startswith("optim.")}
-    return config, step, params, optim, arrays.get("filters")
+    average = {k[8:]: a for k, a in arrays.items() if k.startswith("average.")}
+    return config, step, params, optim, arrays.get("filters"), average
 
 
 def restore(model, path, params, filters):
@@ -434,7 +476,8 @@ PRESETS = {
 # what a checkpoint's parameters fix: starting from them (--init) with another value is a mistake
 ARCHITECTURE_FLAGS = ("task", "hidden", "depth", "alpha", "beta", "activation", "dtype", "seed")
 # what a checkpoint's run fixes: resuming it (--resume) with another value is a mistake
-MODEL_FLAGS = ARCHITECTURE_FLAGS + ("length", "optimizer", "lr", "schedule", "weight_decay", "dropout", "batch")
+MODEL_FLAGS = ARCHITECTURE_FLAGS + ("length", "optimizer", "lr", "schedule", "weight_decay", "dropout", "batch",
+                                    "average_from")
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "mnist")
 
 
@@ -477,6 +520,9 @@ def parse_args(argv):
                    "lambda: each step every parameter shrinks by the factor 1 - lr lambda (default 0)")
     p.add_argument("--dropout", type=number(float, 0, False), help="in training, the probability of "
                    "zeroing each input of the readout (inverted dropout; default 0)")
+    p.add_argument("--average-from", type=number(int, 1, False), metavar="STEP", help="from this step "
+                   "on, each validation report folds the parameters into their running mean (stochastic "
+                   "weight averaging) and validates that mean, which the test may then score (default: off)")
     p.add_argument("--batch", type=number(int, 1, False), help="mini-batch size")
     p.add_argument("--steps", type=number(int, 1, False), help="training steps in all (a resumed run "
                    "continues up to this step)")
@@ -510,11 +556,12 @@ def fill_defaults(args, saved=None, fixed=MODEL_FLAGS):
         for name in fixed:
             given = getattr(args, name)
             if given is not None and saved.get(name) is not None and given != saved[name]:
-                raise RoaError(f"--{name} {given} does not match the checkpoint, which was trained "
+                raise RoaError(f"--{name.replace('_', '-')} {given} does not match the checkpoint, which was trained "
                                f"with {name} = {saved[name]!r}; leave the flag out to take the checkpoint's")
             if given is None:
                 setattr(args, name, saved.get(name))
     defaults = {"activation": "tanh", "schedule": "constant", "weight_decay": 0.0, "dropout": 0.0, "dtype": "float32",
+                "average_from": 0,
                 "seed": 0, **PRESETS[args.task]}
     if args.steps is not None or args.epochs is not None:      # one of them says how long
         defaults.pop("steps", None), defaults.pop("epochs", None)
@@ -550,7 +597,8 @@ def check_memory(args, task, xp):
     shape = task.input_shape(args.batch)
     unrolled, layers = (args.depth, args.depth) if task.model == "fnn" else (shape[0], 1)
     kept = kept_bytes(unrolled, args.batch, args.hidden, args.dtype)
-    copies = 6 if args.optimizer == "adam" else 4     # W and O, W's gradient, the best W so far (+ m, v)
+    # W and O, W's gradient, the best W so far (+ Adam's m, v; + the weight average)
+    copies = (6 if args.optimizer == "adam" else 4) + (1 if args.average_from else 0)
     need = kept + copies * layers * args.hidden ** 2 * item + min(EVAL_BYTES, kept)
     free = free_memory(xp)
     if free is not None and need > 0.9 * free:
@@ -589,13 +637,21 @@ def run(args, log=print):
     if args.steps is None and not isinstance(task, MNIST):
         raise RoaError(f"--epochs is for the MNIST tasks; {task.name} draws fresh data: use --steps")
     steps = args.steps or args.epochs * task.steps_per_epoch(args.batch)
+    if args.average_from > steps:
+        raise RoaError(f"--average-from {args.average_from} is after the run's last step, {steps}")
+    average = WeightAverage(args.average_from) if args.average_from else None
     first = 0
     if checkpoint:
-        _, saved_step, params, optim, filters = checkpoint
+        _, saved_step, params, optim, filters, saved_average = checkpoint
         restore(model, source, params, filters)
     if args.resume:
         optimizer.load_state({k: a if a.ndim == 0 else model.xp.asarray(a) for k, a in optim.items()})
         first = saved_step
+        if average and first >= average.start and not saved_average:
+            raise RoaError(f"{args.resume!r} is at step {first} but holds no weight average; "
+                           f"--average-from must be after it (got {args.average_from})")
+        if average and saved_average:
+            average.load_state(saved_average, model.xp)
         if first >= steps:
             raise RoaError(f"{args.resume!r} is already at step {first}; ask for more with --steps")
         log(f"roa: resuming {args.resume} at step {first}")
@@ -604,7 +660,7 @@ def run(args, log=print):
     plan = Plan(steps, args.batch, args.seed, args.eval_every or max(1, steps // 20), args.lr,
                 args.schedule, first, args.save_every or 0)
     config = {name: getattr(args, name) for name in MODEL_FLAGS}
-    save = args.save and (lambda step: save_checkpoint(args.save, model, optimizer, step, config))
+    save = args.save and (lambda step: save_checkpoint(args.save, model, optimizer, step, config, average))
     log(describe(args, task, steps))
     try:
         metrics = open(args.metrics, "a") if args.metrics else None
@@ -612,7 +668,7 @@ def run(args, log=print):
         raise RoaError(f"cannot write the metrics log {args.metrics!r}: {err.strerror}") from None
     with metrics or contextlib.nullcontext():
         record = metrics and (lambda report: print(json.dumps(report), file=metrics, flush=True))
-        test_loss, test_metric, best_step = train(model, task, optimizer, plan, log, save, record)
+        test_loss, test_metric, best_step = train(model, task, optimizer, plan, log, save, record, average)
     verdict = "SOLVED" if task.solved(test_metric) else "not solved"
     print(f"roa: {task.name}: test {task.metric_name} {test_metric:.4f}, test loss {test_loss:.4f} "
           f"(baseline {task.baseline:.3f}; parameters of step {best_step}, the best on validation) "

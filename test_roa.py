@@ -690,6 +690,10 @@ def bad_inputs(tmp_path):
     write_fake_mnist(mnist, 30, 5)
     with numpy.load(tmp_path / "good.npz") as npz:
         arrays = dict(npz)
+    legacy = tmp_path / "legacy.npz"                  # saved before --average-from existed
+    config = json.loads(str(arrays["config"]))
+    del config["average_from"]
+    numpy.savez(legacy, **{**arrays, "config": numpy.array(json.dumps(config))})
     arrays["param.W"] = numpy.zeros((5, 5))
     numpy.savez(wrong_shape, **arrays)
     table = [
@@ -714,6 +718,10 @@ def bad_inputs(tmp_path):
         (TINY + ["--optimizer", "sgd", "--weight-decay", "0.1"], "--weight-decay 0.1"),
         (TINY + ["--dropout", "1"], "dropout"), (TINY + ["--dropout", "-0.1"], "-0.1"),
         (TINY + ["--resume", str(tmp_path / "good.npz"), "--dropout", "0.5"], "--dropout 0.5"),
+        (TINY + ["--average-from", "11"], "--average-from 11"), (TINY + ["--average-from", "0"], "--average-from"),
+        (TINY + ["--resume", str(tmp_path / "good.npz"), "--average-from", "5"], "--average-from 5"),
+        (TINY + ["--resume", str(legacy), "--steps", "20", "--average-from", "5"], "no weight average"),
+        (TINY + ["--resume", str(tmp_path / "good.npz"), "--weight-decay", "0.1"], "--weight-decay 0.1"),
         (["--task", "psmnist", "--data-dir", str(mnist), "--validation", "8", "--batch", "64",
           "--steps", "2"], "--batch"),
     ]
@@ -752,7 +760,7 @@ def test_idx_reader_rejects_every_truncation(cut, compress):
 
 
 def saved_params(path):
-    config, step, params, optim, _ = roa.load_checkpoint(str(path))
+    config, step, params, optim, _, _ = roa.load_checkpoint(str(path))
     return step, params, optim
 
 
@@ -790,6 +798,60 @@ def test_resume_is_exact_bit_for_bit(tmp_path):
         assert numpy.array_equal(params_one[name], params_two[name]), name
     for name in optim_one:
         assert numpy.array_equal(optim_one[name], optim_two[name]), name
+
+
+@given(st.lists(st.lists(st.floats(-1e3, 1e3), min_size=3, max_size=3).map(numpy.array), min_size=1, max_size=6))
+def test_weight_average_is_the_mean_of_what_it_folded(snapshots):
+    average = roa.WeightAverage(start=1)
+    for W in snapshots:
+        average.fold({"W": W})
+    assert average.count == len(snapshots)
+    assert numpy.allclose(average.mean["W"], numpy.mean(snapshots, axis=0), rtol=1e-12, atol=1e-9)
+
+
+def test_averaged_run_validates_and_scores_the_mean_of_the_reported_parameters():
+    """With a WeightAverage from step 5 and reports every 2 steps, the reports
+    at steps 6, 8, 10 validate the mean of the parameters of steps 6..step; the
+    test scores the best report's parameters; training itself goes on from the
+    parameters of the last step, not from the mean."""
+    args = roa.fill_defaults(roa.parse_args(TINY + ["--dtype", "float64"]))
+    task = roa.make_task(args, print)
+    model = roa.make_model(args, task)
+    after, reports = {}, []
+    keep = (lambda step: after.__setitem__(step, {k: v.copy() for k, v in model.params.items()}))
+    plan = roa.Plan(steps=10, batch=3, seed=0, eval_every=2, lr=0.05, save_every=1)
+    test_loss, _, best_step = roa.train(model, task, roa.Adam(0.05), plan, log=lambda line: None,
+                                        save=keep, record=reports.append, average=roa.WeightAverage(5))
+
+    def validated(step):                         # the parameters the report at `step` validates
+        folded = [s for s in (6, 8, 10) if s <= step]
+        return {k: numpy.mean([after[s][k] for s in folded], axis=0) for k in after[step]} if folded \
+            else after[step]
+
+    assert [r["averaged"] for r in reports] == [0, 0, 1, 2, 3]
+    for report in reports:
+        loss, _ = roa.evaluate_params(model, validated(report["step"]), task, task.validation)
+        assert numpy.isclose(report["val_loss"], loss, rtol=1e-10), report["step"]
+    best = min(reports, key=lambda r: r["val_metric"])
+    assert best_step == best["step"]
+    assert numpy.isclose(test_loss, roa.evaluate_params(model, validated(best_step), task, task.test)[0],
+                         rtol=1e-10)
+    assert all(numpy.array_equal(model.params[k], after[10][k]) for k in model.params)
+
+
+def test_resume_keeps_the_weight_average(tmp_path):
+    """10 steps with averaging from step 3 in one go == 6 steps, save, resume to 10:
+    the checkpoint carries the running mean and its count."""
+    flags = TINY[:-1] + ["{steps}", "--dtype", "float64", "--eval-every", "2", "--average-from", "3",
+                         "--quiet", "--save"]
+    one, two = str(tmp_path / "one.npz"), str(tmp_path / "two.npz")
+    run = (lambda steps, *more: roa.main([f.format(steps=steps) for f in flags] + list(more)))
+    assert run(10, one) == 0 and run(6, two) == 0 and run(10, two, "--resume", two) == 0
+    average_one, average_two = roa.load_checkpoint(one)[5], roa.load_checkpoint(two)[5]
+    assert int(average_one["count"]) == 4                  # the reports at steps 4, 6, 8, 10
+    assert average_one.keys() == average_two.keys()
+    for name in average_one:
+        assert numpy.array_equal(average_one[name], average_two[name]), name
 
 
 def test_nan_stops_at_its_step_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):

@@ -119,7 +119,7 @@ def figure_singular_values(plt, depth, trained, out):
     """With a trained checkpoint, the initial model is that run's own model at step 0."""
     shape = dict(width=64, depth=depth, alpha=1.0, beta=5 / depth, activation="tanh", dtype="float64", seed=0)
     if trained:
-        config, step, params, optim, filters = roa.load_checkpoint(trained)
+        config, step, params, optim, filters, _ = roa.load_checkpoint(trained)
         shape = dict(width=config["hidden"], depth=config["depth"], alpha=config["alpha"], beta=config["beta"],
                      activation=config["activation"], dtype=config["dtype"], seed=config["seed"])
     models = [("at initialisation", roa.RoaFNN(784, 10, **shape))]

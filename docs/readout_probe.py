@@ -31,7 +31,7 @@ def main(argv=None):
     p.add_argument("--sequences", type=int, default=1024)
     args = p.parse_args(argv)
     try:
-        config, step, params, _, filters = roa.load_checkpoint(args.checkpoint)
+        config, step, params, _, filters, _ = roa.load_checkpoint(args.checkpoint)
         if config["task"] != "copy":
             raise RoaError(f"{args.checkpoint!r} is a {config['task']} checkpoint, not copy")
         model = roa.RoaRNN(Copy.n_in, Copy.n_out, config["hidden"], config["alpha"], config["beta"],
