@@ -372,7 +372,7 @@ def train(model, task, optimizer, plan, log=print, save=None, record=None, avera
                               val_metric=val_metric, input_grad_norm=input_grad,
                               examples_per_s=done * plan.batch / train_seconds, elapsed_s=elapsed,
                               averaged=averaged)
-                mean_of = f" (mean of {averaged} reports)" if averaged else ""
+                mean_of = f" (the weights' mean over {averaged} report{'s' * (averaged > 1)})" if averaged else ""
                 log(f"step {step:>{len(str(plan.steps))}}/{plan.steps}  loss {report['loss']:.4f}  "
                     f"val loss {val_loss:.4f} (baseline {task.baseline:.3f})  "
                     f"val {task.metric_name} {val_metric:.4f}{mean_of}  "
