@@ -326,7 +326,7 @@ class WeightAverage:
 
     def load_state(self, state, xp):
         self.count = int(state["count"])
-        self.mean = {k[5:]: xp.asarray(a) for k, a in state.items() if k.startswith("mean.")}
+        self.mean = {k: xp.asarray(a) for k, a in unprefixed("mean", state).items()}
 
 
 def evaluate_params(model, params, task, data):
@@ -402,13 +402,22 @@ def clock(seconds):
 
 # --------------------------------------------------------- checkpoints
 
+def prefixed(prefix, arrays):
+    """{"W": a} -> {"prefix.W": a as NumPy}: one group of a checkpoint's arrays."""
+    return {f"{prefix}.{k}": to_numpy(a) for k, a in arrays.items()}
+
+
+def unprefixed(prefix, arrays):
+    """The group `prefix` of a checkpoint's arrays, names without the prefix."""
+    return {k[len(prefix) + 1:]: a for k, a in arrays.items() if k.startswith(prefix + ".")}
+
+
 def save_checkpoint(path, model, optimizer, step, config, average=None):
     """Write parameters, optimiser state, weight average (if any), step and
     configuration to the .npz `path` atomically: into a temporary file first,
     then renamed over it, so an interrupted save leaves the previous checkpoint whole."""
-    arrays = {f"param.{k}": to_numpy(v) for k, v in model.params.items()}
-    arrays.update({f"optim.{k}": to_numpy(v) for k, v in optimizer.state().items()})
-    arrays.update({f"average.{k}": to_numpy(v) for k, v in (average.state() if average else {}).items()})
+    arrays = {**prefixed("param", model.params), **prefixed("optim", optimizer.state()),
+              **prefixed("average", average.state() if average else {})}
     arrays.update(step=numpy.array(step), config=numpy.array(json.dumps(config)),
                   filters=model.filters)
     temporary = path + ".tmp"
@@ -443,10 +452,8 @@ def load_checkpoint(path):
         raise RoaError(f"no checkpoint at {path!r}") from None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise RoaError(f"{path!r} is not a readable roa checkpoint ({err})") from None
-    params = {k[6:]: a for k, a in arrays.items() if k.startswith("param.")}
-    optim = {k[6:]: a for k, a in arrays.items() if k.startswith("optim.")}
-    average = {k[8:]: a for k, a in arrays.items() if k.startswith("average.")}
-    return config, step, params, optim, arrays.get("filters"), average
+    return (config, step, unprefixed("param", arrays), unprefixed("optim", arrays), arrays.get("filters"),
+            unprefixed("average", arrays))
 
 
 def restore(model, path, params, filters):
@@ -556,13 +563,12 @@ def fill_defaults(args, saved=None, fixed=MODEL_FLAGS):
         for name in fixed:
             given = getattr(args, name)
             if given is not None and saved.get(name) is not None and given != saved[name]:
-                raise RoaError(f"--{name.replace('_', '-')} {given} does not match the checkpoint, which was trained "
-                               f"with {name} = {saved[name]!r}; leave the flag out to take the checkpoint's")
+                raise RoaError(f"--{name.replace('_', '-')} {given} does not match the checkpoint, which was "
+                               f"trained with {name} = {saved[name]!r}; leave the flag out to take the checkpoint's")
             if given is None:
                 setattr(args, name, saved.get(name))
     defaults = {"activation": "tanh", "schedule": "constant", "weight_decay": 0.0, "dropout": 0.0, "dtype": "float32",
-                "average_from": 0,
-                "seed": 0, **PRESETS[args.task]}
+                "average_from": 0, "seed": 0, **PRESETS[args.task]}
     if args.steps is not None or args.epochs is not None:      # one of them says how long
         defaults.pop("steps", None), defaults.pop("epochs", None)
     for name, value in defaults.items():
