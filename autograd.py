@@ -5,18 +5,23 @@ additive filters" (arXiv:2210.01245), as restated in MATH.md:
 eqs (1)-(10) for the multilayer perceptron, (7') for the random orthogonal
 additive (roa) layer, and MATH.md section 3 for the roaRNN.
 
+Read it top to bottom beside MATH.md: the activations, the roa layer as
+one step (roa_step_forward / roa_step_backward), the roaFNN as a loop over
+that step (roa_forward / roa_backward), the roaRNN as a loop over the same
+step in time (rnn_forward / rnn_backward, BPTT), then the losses and the
+optimisers.
+
 Conventions (those of CS231n's layers.py):
 - a batch is a stack of rows: x has shape (B, N) and `x @ W.T` is `W x` for
   every sample;
 - a forward function returns (out, cache); its backward takes (dout, cache)
   and returns the gradients, `dout` being dL/dout of the batch objective;
+  an `*_inference` function is the forward pass of evaluation, with no cache;
 - the same code runs on NumPy or CuPy arrays: `xp` is the module that owns
   the arrays it is given (CuPy's idiom), and `array_module` is the one
-  place where a device name becomes a module; `fuse` makes the element-wise
-  work of a layer one GPU kernel on CuPy and changes nothing on NumPy.
+  place where a device name becomes a module.
 """
 
-import functools
 from typing import Callable, NamedTuple
 
 import numpy
@@ -74,68 +79,54 @@ def to_numpy(a):
     return a.get() if hasattr(a, "get") else numpy.asarray(a)
 
 
-def fuse(f):
-    """CuPy's kernel fusion (cupy.fuse): called with CuPy arrays, the
-    element-wise calls of f run as one GPU kernel; called with NumPy arrays
-    (or without CuPy), f runs call by call, as written."""
-    return f if cupy is None else cupy.fuse(f)
-
-
 # ---------------------------------------------------------- activations
 
 class Activation(NamedTuple):
-    phi: Callable    # phi(y): overwrites y with phi(y), element-wise   (eq 2)
-    dphi: Callable   # dphi(a, out): writes phi'(y) into out, from a = phi(y)   (eq 4)
-    gamma: float     # sup |phi'|, used by the bounds of MATH.md section 4
+    phi: Callable        # phi(y), element-wise                                   (eq 2)
+    phi_prime: Callable  # phi'(y), computed from phi(y) alone (see below)        (eq 4)
+    gamma: float         # sup |phi'|, used by the bounds of MATH.md section 4
 
-# The layers below work in place (no temporaries in the inner loops), so phi
-# overwrites its argument, and phi' is computed from phi(y) alone, which all
-# three activations allow: tanh' = 1 - tanh^2, relu' = [relu > 0],
-# sigmoid' = sigmoid (1 - sigmoid).
-
-
-def _tanh(y):
-    get_array_module(y).tanh(y, out=y)
+# phi' is computed from phi(y), which the forward pass has at hand:
+# tanh' = 1 - tanh^2, relu' = [relu > 0], sigmoid' = sigmoid (1 - sigmoid).
+# This is exact up to rounding, but where phi saturates it loses relative
+# accuracy: tanh'(y) comes out as exactly 0 for |y| above about 19 in
+# float64 (about 9 in float32), where the true value is tiny but not 0.
 
 
-def _tanh_prime(a, out):
-    xp = get_array_module(a)
-    xp.multiply(a, a, out=out)
-    xp.subtract(1, out, out=out)                       # 1 - tanh(y)^2
+def tanh(y):
+    return get_array_module(y).tanh(y)
 
 
-def _relu(y):
-    get_array_module(y).maximum(y, 0, out=y)
+def tanh_prime(phi_y):
+    return 1 - phi_y * phi_y
 
 
-def _relu_prime(a, out):
-    get_array_module(a).greater(a, 0, out=out)         # 1 where y > 0, else 0
+def relu(y):
+    return get_array_module(y).maximum(y, 0)
 
 
-def _sigmoid(y):
-    xp = get_array_module(y)                           # 1 / (1 + e^-y) = (1 + tanh(y / 2)) / 2,
-    y *= 0.5                                           # which cannot overflow
-    xp.tanh(y, out=y)
-    y += 1
-    y *= 0.5
+def relu_prime(phi_y):
+    return (phi_y > 0).astype(phi_y.dtype)        # 1 where y > 0, else 0
 
 
-def _sigmoid_prime(a, out):
-    xp = get_array_module(a)
-    xp.multiply(a, a, out=out)
-    xp.subtract(a, out, out=out)                       # sigmoid(y) (1 - sigmoid(y))
+def sigmoid(y):
+    return 0.5 * (1 + get_array_module(y).tanh(0.5 * y))   # = 1 / (1 + e^-y), and cannot overflow
+
+
+def sigmoid_prime(phi_y):
+    return phi_y * (1 - phi_y)
 
 
 ACTIVATIONS = {
-    "tanh": Activation(_tanh, _tanh_prime, 1.0),
-    "relu": Activation(_relu, _relu_prime, 1.0),
-    "sigmoid": Activation(_sigmoid, _sigmoid_prime, 0.25),
+    "tanh": Activation(tanh, tanh_prime, 1.0),
+    "relu": Activation(relu, relu_prime, 1.0),
+    "sigmoid": Activation(sigmoid, sigmoid_prime, 0.25),
 }
 
 
 def activation(name):
     """The Activation called `name`, or a clear error."""
-    if name not in ACTIVATIONS:
+    if not isinstance(name, str) or name not in ACTIVATIONS:
         raise RoaError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
     return ACTIVATIONS[name]
 
@@ -154,14 +145,18 @@ def random_orthogonal(rng, n, count):
     return Q * numpy.sign(numpy.diagonal(R, axis1=1, axis2=2))[:, None, :]
 
 
-# --------------------------------------------------------------- layers
+# ------------------------------------------------- linear layer, dropout
 
 def linear_forward(x, W, b):
-    """Eq (1), y = W x + b, for every row of x (any leading shape).
+    """Eq (1), y = W x + b, for every row of x: (..., n_in) -> (..., n_out).
 
-    Used for the input projection and the readout.
+    Used for the input projection, the readout and the roaRNN's input term
+    U u_t + b. The rows are flattened into one 2-D product: for the time-major
+    (T, B, n_in) inputs of the roaRNN this is one BLAS call, where a 3-D
+    matmul would be a loop of small ones (ten times slower for n_in = 1).
     """
-    return x @ W.T + b, (x, W)
+    y = (x.reshape(-1, x.shape[-1]) @ W.T).reshape(x.shape[:-1] + (W.shape[0],)) + b
+    return y, (x, W)
 
 
 def linear_backward(dy, cache):
@@ -191,148 +186,153 @@ def dropout_backward(dout, mask):
     return dout if mask is None else dout * mask
 
 
-def stack_WO(W, O, alpha):
-    """The pair (W, alpha O) as one array: (..., 2, N, N) from W, O (..., N, N).
+# ------------------------------------------------ the roa layer, one step
 
-    The layers below take their weights in this form, so that one (batched)
-    matrix product gives both W x and alpha O x, each a contiguous block,
-    and one gives both W^T dy and alpha O^T delta. The models keep it as
-    their storage, their parameter W being a view of it (WO[..., 0, :, :]).
+def roa_step_forward(x, W, O, b, alpha, beta, act):
+    """One random orthogonal additive layer (MATH.md section 2):
+
+        x_next = alpha O x + beta phi(W x + b)
+
+    x: (B, N), a batch of inputs x_l; W, O: (N, N); b: (N,) -- or, for a
+    roaRNN time step, (B, N), the input term U u_t + b. alpha, beta: floats.
+    Returns x_next (B, N) and the cache for roa_step_backward.
     """
-    xp = get_array_module(W)
-    return xp.stack([W, alpha * O], axis=-3)
+    y = x @ W.T + b                               # eq (1): y_l = W_l x_l + b_l
+    phi_y = act.phi(y)                            # eq (2): phi(y_l)
+    d = act.phi_prime(phi_y)                      # eq (4): d_l = phi'(y_l)
+    x_next = alpha * (x @ O.T) + beta * phi_y     # (roa): x_{l+1} = alpha O_l x_l + beta phi(y_l)
+    return x_next, (x, d, W, O, alpha, beta)
 
 
-# The element-wise work of one roa layer (or roaRNN time step) around its one
-# matrix product, as a function of the arrays it reads and writes: on CuPy,
-# fuse() makes each a single GPU kernel (a step is too small for anything but
-# launches to cost); on NumPy it runs call by call, in place.
+def roa_step_backward(delta_next, cache):
+    """Backpropagation through one roa layer.
 
-@functools.cache
-def forward_step_of(act):
-    """forward_step(y, shift, filtered, beta, x_next, d) for activation act:
-    from y = W x and filtered = alpha O x, writes x_next = alpha O x +
-    beta phi(W x + shift) and d = phi'(W x + shift), where shift is b (the
-    roaFNN) or U u_t + b (the roaRNN). y is overwritten."""
+    delta_next: (B, N), dL/dx_{l+1} for every sample. With the layer's
+    Jacobian (7'), J_l = alpha O_l + beta diag(d_l) W_l:
 
-    def forward_step(y, shift, filtered, beta, x_next, d):
-        y += shift                                         # eq (1): y = W x + b
-        act.phi(y)                                         # eq (2), in place: y holds phi(y) now
-        act.dphi(y, out=d)                                 # eq (4): d = phi'(y)
-        y *= beta
-        get_array_module(y).add(filtered, y, out=x_next)   # x_next = alpha O x + beta phi(y)
+        dy    = beta d_l * delta_{l+1}                 dL/dy_l
+        delta = J_l^T delta_{l+1} = alpha O_l^T delta_{l+1} + W_l^T dy
 
-    return fuse(forward_step)
+    Returns delta (B, N), dL/dx_l, and dy (B, N). The weight gradients
+    dL/dW_l = dy x_l^T and dL/db_l = dy (eq 3) are left to the caller, which
+    forms them for all layers or time steps at once (roa_backward, rnn_backward).
+    """
+    x, d, W, O, alpha, beta = cache
+    dy = beta * d * delta_next                        # eqs (3)-(4) with the roa layer's beta
+    delta = alpha * (delta_next @ O) + dy @ W         # eqs (5)-(7'): delta_l = J_l^T delta_{l+1}
+    return delta, dy
 
 
-@fuse
-def backward_step(WT_dy, OT_delta, dL_dx, d, beta, delta, dy):
-    """From the two halves of the layer above's product, writes its delta =
-    W^T dy + alpha O^T delta (eq 7'), plus dL_dx where the loss reads this
-    state directly (None where it does not), then d * delta over d (kept for
-    the weight gradients) and dy = beta d * delta."""
-    xp = get_array_module(d)
-    xp.add(WT_dy, OT_delta, out=delta)
-    if dL_dx is not None:
-        delta += dL_dx
-    d *= delta
-    xp.multiply(d, beta, out=dy)
+# ------------------------------------------------- the roaFNN: L layers
 
-
-def roa_forward(x, WO, b, beta, act):
+def roa_forward(x, W, O, b, alpha, beta, act):
     """L random orthogonal additive layers (MATH.md section 2):
 
         x_{l+1} = alpha O_l x_l + beta phi(W_l x_l + b_l),   l = 0 .. L-1.
 
-    x: (B, N) is x_0; WO: (L, 2, N, N), the pairs (W_l, alpha O_l) (stack_WO);
-    b: (L, N). With alpha = 0 and beta = 1 this is the plain multilayer
-    perceptron, eqs (1)-(2).
-    Returns x_L and a cache holding every x_l and every d_l = phi'(y_l).
+    x: (B, N) is x_0; W, O: (L, N, N); b: (L, N). With alpha = 0 and
+    beta = 1 this is the plain multilayer perceptron, eqs (1)-(2).
+    Returns x_L (B, N) and the cache: every x_l, kept in one (L+1, B, N)
+    array for the weight gradients, and each layer's step cache.
     """
     xp = get_array_module(x)
-    L = b.shape[0]
+    L = W.shape[0]
     xs = xp.empty((L + 1,) + x.shape, x.dtype)
-    ds = xp.empty((L,) + x.shape, x.dtype)
-    both = xp.empty((2,) + x.shape, x.dtype)
-    y, filtered = both                                     # W_l x_l and alpha O_l x_l
-    forward_step = forward_step_of(act)
     xs[0] = x
+    steps = []
     for l in range(L):
-        xp.matmul(xs[l], WO[l].transpose(0, 2, 1), out=both)    # W_l x_l and alpha O_l x_l: one call
-        forward_step(y, b[l], filtered, beta, xs[l + 1], ds[l])  # x_{l+1} and d_l
-    return xs[L], (xs, ds, WO, beta)
+        x_next, step = roa_step_forward(xs[l], W[l], O[l], b[l], alpha, beta, act)
+        xs[l + 1] = x_next
+        steps.append(step)
+    return xs[L], (xs, steps)
 
 
 def roa_backward(delta, cache):
     """Backpropagation through roa_forward.
 
-    delta: dL/dx_L, shape (B, N) (the error vector E, eq 3, or what the
-    readout sends down). The loop carries delta_l = J_l^T delta_{l+1} down
-    the layers (eqs 5-6) with the roa layer Jacobian (7')
-
-        J_l = d x_{l+1} / d x_l = alpha O_l + beta diag(d_l) W_l,
-
-    from one batched product: W_l^T (beta d_l * delta_{l+1}) and alpha O_l^T delta_{l+1},
-    which the next step adds up. It keeps d_l * delta_{l+1}, written over
-    d_l in the cache (a cache serves one backward pass), and reads all
-    weight gradients off it afterwards in one batched product (eq 3).
+    delta: (B, N), dL/dx_L (the error vector E of eq 3, or what the readout
+    sends down). The loop carries delta_l down the layers, L-1 .. 0
+    (eqs 5-6), one roa_step_backward each, keeping dy_l = dL/dy_l.
+    The weight gradients (eq 3) are then one batched product over all layers:
+    they need nothing from the loop but dy_l and x_l, and one call on
+    (L, N, B) x (L, B, N) costs less than L small ones.
     Returns dL/dx_0 (B, N), dL/dW (L, N, N), dL/db (L, N).
     """
-    xs, ds, WO, beta = cache
+    xs, steps = cache                                 # (a cache serves one backward pass)
     xp = get_array_module(delta)
-    L, B, N = ds.shape
-    pair, products = xp.empty((2, B, N), ds.dtype), xp.zeros((2, B, N), ds.dtype)
-    dy, delta_now = pair                                   # beta d_l * delta_{l+1}, delta_{l+1}
-    for l in reversed(range(L)):                           # products hold the halves of delta_{l+1}
-        backward_step(*products, delta if l == L - 1 else None, ds[l], beta, delta_now, dy)
-        xp.matmul(pair, WO[l], out=products)               # W_l^T dy and alpha O_l^T delta_{l+1}
-    xp.add(products[0], products[1], out=delta_now)        # eq (7'): delta_0 = J_0^T delta_1
-    dW = ds.transpose(0, 2, 1) @ xs[:L]                    # eq (3): beta (d_l * delta_{l+1}) x_l^T
-    db = ds.sum(axis=1)                                    # eq (3) without the outer product
-    for grad in (dW, db):
-        grad *= beta                                       # (the rows held d_l * delta_{l+1})
-    return delta_now.copy(), dW, db
+    L = len(steps)
+    dys = xp.empty((L,) + delta.shape, delta.dtype)   # dy_l = dL/dy_l = beta d_l * delta_{l+1}
+    for l in reversed(range(L)):                      # steps.pop() is layer l's cache, freed once used
+        delta, dys[l] = roa_step_backward(delta, steps.pop())
+    dW = dys.transpose(0, 2, 1) @ xs[:L]              # eq (3): dL/dW_l = dy_l x_l^T, summed over the batch
+    db = dys.sum(axis=1)                              # eq (3) without the outer product
+    return delta, dW, db
 
 
-def roa_jacobian(x, WO, b, beta, act):
+def roa_inference(x, W, O, b, alpha, beta, act):
+    """roa_forward without the cache, for evaluation: the same operations in
+    the same order (so the same numbers, bit for bit), but keeping only the
+    current x_l, so that memory does not grow with the depth."""
+    for l in range(W.shape[0]):
+        x = alpha * (x @ O[l].T) + beta * act.phi(x @ W[l].T + b[l])     # (roa), eqs (1)-(2)
+    return x
+
+
+def roa_jacobian(x, W, O, b, alpha, beta, act):
     """The input-output Jacobian d x_L / d x_0 (N, N) of roa_forward at one
     input x (N,), computed by roa_backward itself: with x repeated N times
     and delta = I, row i of the returned dL/dx_0 is J^T e_i, row i of J."""
     xp = get_array_module(x)
     n = x.shape[0]
-    _, cache = roa_forward(xp.tile(x, (n, 1)), WO, b, beta, act)
+    _, cache = roa_forward(xp.tile(x, (n, 1)), W, O, b, alpha, beta, act)
     J, _, _ = roa_backward(xp.eye(n, dtype=x.dtype), cache)
     return J
 
 
-def rnn_forward(u, h0, WO, U, b, beta, act):
+# ---------------------------------------------- the roaRNN: T time steps
+
+def rnn_step_forward(h_prev, input_term, W, O, alpha, beta, act):
+    """One roaRNN time step (MATH.md section 3):
+
+        h_t = alpha O h_{t-1} + beta phi(a_t),   a_t = W h_{t-1} + U u_t + b
+
+    h_prev: (B, N), h_{t-1}; input_term: (B, N), U u_t + b. This is the roa
+    layer with the bias b_l replaced by U u_t + b, so it is roa_step_forward.
+    Returns h_t (B, N) and the cache for rnn_step_backward.
+    """
+    return roa_step_forward(h_prev, W, O, input_term, alpha, beta, act)
+
+
+def rnn_step_backward(g, cache):
+    """Backpropagation through one time step. g: (B, N), the total gradient
+    g_t = dL/dh_t. Returns dL/dh_{t-1} from this step, alpha O^T g_t + W^T dz_t,
+    and dz_t = dL/da_t = beta g_t * phi'(a_t), both (B, N)."""
+    return roa_step_backward(g, cache)
+
+
+def rnn_forward(u, h0, W, O, U, b, alpha, beta, act):
     """The roaRNN (MATH.md section 3), time-major:
 
         h_t = alpha O h_{t-1} + beta phi(W h_{t-1} + U u_t + b),  t = 1 .. T.
 
-    u: (T, B, n_in); h0: (B, N); WO: (2, N, N), the pair (W, alpha O)
-    (stack_WO), so that one product per step gives W h and alpha O h.
-    With alpha = 0 and beta = 1 this is the vanilla Elman RNN.
-    Returns h_1 .. h_T as (T, B, N) and the cache.
+    u: (T, B, n_in), u[t-1] being u_t; h0: (B, N); W, O: (N, N); U: (N, n_in);
+    b: (N,). With alpha = 0 and beta = 1 this is the vanilla Elman RNN.
+    Returns h_1 .. h_T as (T, B, N) and the cache: every h_t in one
+    (T+1, B, N) array, and each step's cache.
     """
     xp = get_array_module(u)
-    (T, B), N = u.shape[:2], b.shape[0]
+    T = u.shape[0]
+    # U u_t + b for every t in one product before the loop: it does not depend
+    # on the state, and one large product is far cheaper than T small ones
+    input_terms, _ = linear_forward(u, U, b)
     hs = xp.empty((T + 1,) + h0.shape, u.dtype)
-    ds = xp.empty((T,) + h0.shape, u.dtype)
-    both = xp.empty((2,) + h0.shape, u.dtype)
-    a, filtered = both                                     # W h_{t-1} and alpha O h_{t-1}
     hs[0] = h0
-    # U u_t + b for every t, one product before the loop (a 2-D dot: BLAS even for
-    # n_in = 1, where matmul on the 3-D u is ten times slower), held in hs[t]
-    # until h_t overwrites it
-    rows = hs[1:].reshape(T * B, N)
-    xp.dot(u.reshape(T * B, -1), U.T, out=rows)
-    rows += b
-    forward_step = forward_step_of(act)
-    for t in range(1, T + 1):              # hs[t] = h_t; ds[t-1] = phi'(a_t)
-        xp.matmul(hs[t - 1], WO.transpose(0, 2, 1), out=both)   # W h_{t-1} and alpha O h_{t-1}: one call
-        forward_step(a, hs[t], filtered, beta, hs[t], ds[t - 1])  # h_t, a_t = W h_{t-1} + U u_t + b
-    return hs[1:], (u, hs, ds, WO, beta)
+    steps = []
+    for t in range(1, T + 1):
+        h, step = rnn_step_forward(hs[t - 1], input_terms[t - 1], W, O, alpha, beta, act)
+        hs[t] = h
+        steps.append(step)
+    return hs[1:], (u, hs, steps)
 
 
 def rnn_backward(dhs, cache):
@@ -340,46 +340,54 @@ def rnn_backward(dhs, cache):
 
     dhs: (T', B, N), the gradient that the loss sends into each of the last
     T' states h_{T-T'+1} .. h_T (T' = 1 for a readout of h_T alone, T' = T
-    for a readout at every step). With g_t the total gradient reaching h_t,
-    the loop runs t = T .. 1:
-
-        dz_t     = beta g_t * phi'(a_t)
-        g_{t-1}  = alpha O^T g_t + W^T dz_t   (+ the loss's own gradient at h_{t-1})
-
-    the second from one batched product giving W^T dz_t and alpha O^T g_t. The weight
-    gradients are one matrix product each over all (t, batch) pairs
-    afterwards, read off g_t * phi'(a_t), which is written over phi'(a_t) in
-    the cache (a cache serves one backward pass).
-    Returns dL/dh_0, dW, dU, db.
+    for a readout at every step). The loop runs t = T .. 1, carrying g_t, the
+    total gradient reaching h_t: what step t+1 sends back, plus the loss's own
+    gradient at h_t. The weight gradients are then one matrix product each
+    over all (t, batch) pairs: they need nothing from the loop but dz_t, h_{t-1}
+    and u_t, and one large product costs far less than T small ones.
+    Returns dL/dh_0 (B, N), dL/dW (N, N), dL/dU (N, n_in), dL/db (N,).
     """
-    u, hs, ds, WO, beta = cache
+    u, hs, steps = cache                              # (a cache serves one backward pass)
     xp = get_array_module(dhs)
-    T, B, N = ds.shape
-    first_seen = T - dhs.shape[0]                     # h_t with t > first_seen feed the loss directly
-    pair, products = xp.empty((2, B, N), ds.dtype), xp.zeros((2, B, N), ds.dtype)
-    dz, g = pair                                           # dz_t and g_t
-    for t in range(T, 0, -1):                              # products hold the halves of g_t
-        dL_dh = dhs[t - 1 - first_seen] if t > first_seen else None     # the loss's gradient at h_t
-        backward_step(*products, dL_dh, ds[t - 1], beta, g, dz)         # g_t; dz_t = beta g_t * phi'(a_t)
-        xp.matmul(pair, WO, out=products)                  # W^T dz_t and alpha O^T g_t
-    xp.add(products[0], products[1], out=g)                # g_0
-    rows = ds.reshape(T * B, N)                            # g_t * phi'(a_t) = dz_t / beta
-    dW = rows.T @ hs[:T].reshape(T * B, N)                 # sum_t dz_t h_{t-1}^T
-    dU = rows.T @ u.reshape(T * B, -1)                     # sum_t dz_t u_t^T
-    db = rows.sum(axis=0)                                  # sum_t dz_t
-    for grad in (dW, dU, db):
-        grad *= beta                                       # (the rows held dz_t / beta)
-    return g.copy(), dW, dU, db
+    T, (B, N) = len(steps), dhs.shape[1:]
+    first_read = T - dhs.shape[0]                     # the loss reads h_t for t > first_read
+    dzs = xp.empty((T, B, N), dhs.dtype)              # dz_t = dL/da_t, in dzs[t-1]
+    g = xp.zeros((B, N), dhs.dtype)                   # g_{T+1}: nothing comes from after h_T
+    for t in range(T, 0, -1):
+        if t > first_read:
+            g = g + dhs[t - 1 - first_read]           # the loss's own gradient at h_t
+        g, dzs[t - 1] = rnn_step_backward(g, steps.pop())     # step t's cache, freed once used
+    dz_rows = dzs.reshape(T * B, N)
+    dW = dz_rows.T @ hs[:T].reshape(T * B, N)         # sum_t dz_t h_{t-1}^T
+    dU = dz_rows.T @ u.reshape(T * B, -1)             # sum_t dz_t u_t^T
+    db = dz_rows.sum(axis=0)                          # sum_t dz_t
+    return g, dW, dU, db
 
 
-def rnn_jacobian(u, h0, WO, U, b, beta, act):
+def rnn_inference(u, h0, W, O, U, b, alpha, beta, act, all_states=False):
+    """rnn_forward without the cache, for evaluation: the same operations in
+    the same order (the same numbers, bit for bit), keeping only the current
+    state -- or, with all_states (a readout at every step), every h_t but
+    nothing else. Returns h_T (B, N), or h_1 .. h_T (T, B, N)."""
+    xp = get_array_module(u)
+    input_terms, _ = linear_forward(u, U, b)
+    hs = xp.empty(input_terms.shape, u.dtype) if all_states else None
+    h = h0
+    for t in range(1, u.shape[0] + 1):
+        h = alpha * (h @ O.T) + beta * act.phi(h @ W.T + input_terms[t - 1])    # h_t, MATH.md section 3
+        if all_states:
+            hs[t - 1] = h
+    return hs if all_states else h
+
+
+def rnn_jacobian(u, h0, W, O, U, b, alpha, beta, act):
     """d h_T / d h_0 (N, N) of rnn_forward for one sequence u: (T, n_in) from
     the state h0: (N,), computed by rnn_backward itself: with the sequence
     repeated N times and the gradient I sent into h_T, row i of the returned
     dL/dh_0 is (d h_T / d h_0)^T e_i, row i of the Jacobian."""
     xp = get_array_module(u)
     n = h0.shape[0]
-    _, cache = rnn_forward(xp.repeat(u[:, None, :], n, axis=1), xp.tile(h0, (n, 1)), WO, U, b, beta, act)
+    _, cache = rnn_forward(xp.repeat(u[:, None, :], n, axis=1), xp.tile(h0, (n, 1)), W, O, U, b, alpha, beta, act)
     J, _, _, _ = rnn_backward(xp.eye(n, dtype=u.dtype)[None], cache)    # the loss sees h_T alone
     return J
 
@@ -390,10 +398,13 @@ def mse_loss(x, Y):
     """Per-sample loss ||Y - x_L||^2, summed over the output components and
     averaged over the batch (the objective of eq 10).
 
-    Returns the loss and dL/dx_L = E / B for every sample, where
-    E = -2 (Y - x_L) is the paper's error vector.
+    x, Y: (B, K) outputs and targets, or (T, B, K) for an output at every time
+    step (time-major: the batch is always the second-to-last axis), whose
+    per-sample loss sums over the steps too. Returns the loss and
+    dL/dx_L = E / B for every sample, where E = -2 (Y - x_L) is the paper's
+    error vector.
     """
-    B = x.shape[0]
+    B = x.shape[-2]
     diff = x - Y
     return float((diff * diff).sum()) / B, 2 * diff / B
 
@@ -428,11 +439,9 @@ class SGD:
         self.lr = lr
 
     def step(self, params, grads):
-        """Update params in place. The gradients are scaled in place too (so a
-        50,000-layer gradient needs no second copy): they are used up."""
+        """Update every parameter in place by its gradient."""
         for name, grad in grads.items():
-            grad *= self.lr                                # eq (9): dW = -mu dL/dW ...
-            params[name] -= grad                           # eq (8): W(i) = W(i-1) + dW
+            params[name] += -self.lr * grad                # eqs (8)-(9): W(i) = W(i-1) + dW, dW = -mu dL/dW
 
     def state(self):
         return {}

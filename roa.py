@@ -6,8 +6,9 @@
 The models hold their parameters in a dict of arrays (NumPy or CuPy) and
 expose forward(u, rng=None) -> (z, cache) and backward(dz, cache) -> grads,
 the gradients having the same names as the parameters; forward with an rng
-is a training pass (dropout on the readout's input, where asked for). The
-backward passes themselves live in autograd.py.
+is a training pass (dropout on the readout's input, where asked for);
+inference(u) -> z is evaluation's forward, with no cache. The layers and
+their backward passes live in autograd.py.
 """
 
 import argparse
@@ -26,7 +27,8 @@ import numpy
 
 from autograd import (ACTIVATIONS, SGD, Adam, RoaError, activation, array_module, dropout_backward,
                       dropout_forward, free_memory, linear_backward, linear_forward, random_orthogonal,
-                      roa_backward, roa_forward, rnn_backward, rnn_forward, stack_WO, to_numpy)
+                      rnn_backward, rnn_forward, rnn_inference, roa_backward, roa_forward, roa_inference,
+                      to_numpy)
 from tasks import MNIST, Adding, Copy, DeepMNIST, PsMNIST, on_device, step_rng
 
 DTYPES = ("float32", "float64")
@@ -78,14 +80,10 @@ class Model:
         """A dict of NumPy arrays as arrays of this model's module and dtype."""
         return {name: self.xp.asarray(a, dtype=self.dtype) for name, a in arrays.items()}
 
-    def store_filters(self, W, O):
-        """Keep the pair (W, alpha O) (autograd.stack_WO), the form the layers
-        take; the parameter W becomes a view of its first half, so that the
-        optimiser's in-place updates reach the layers."""
+    def set_filters(self, O):
+        """Keep the fixed orthogonal filters O (not a parameter: never trained)."""
         self.filters = filter_fingerprint(O)
-        W, O = self.to_device({"W": W, "O": O}).values()
-        self.WO = stack_WO(W, O, self.alpha)
-        self.params["W"] = self.WO[..., 0, :, :]
+        self.O = self.xp.asarray(O, dtype=self.dtype)
 
     def set_params(self, arrays):
         """Copy arrays (NumPy or of this module) into the parameters, in place."""
@@ -126,14 +124,20 @@ class RoaFNN(Model):
         super().__init__(alpha, beta, activation, dtype, seed, device, dropout)
         N, L = width, depth
         W_in, W, V = self.gaussian((N, n_in), n_in), self.gaussian((L, N, N), N), self.gaussian((n_out, N), N)
-        self.params = self.to_device({"W_in": W_in, "b_in": numpy.zeros(N), "b": numpy.zeros((L, N)),
+        self.params = self.to_device({"W_in": W_in, "b_in": numpy.zeros(N), "W": W, "b": numpy.zeros((L, N)),
                                       "V": V, "c": numpy.zeros(n_out)})
-        self.store_filters(W, random_orthogonal(self.rng, N, L))
+        self.set_filters(random_orthogonal(self.rng, N, L))
 
     def kept_bytes(self, u_shape):
         """kept_bytes for inputs of shape u_shape = (B, n_in)."""
         L, N = self.params["b"].shape
         return kept_bytes(L, u_shape[0], N, self.dtype)
+
+    def inference_bytes(self, u_shape):
+        """Bytes that inference takes for inputs of shape u_shape = (B, n_in):
+        the inputs, a few (B, N) arrays of one layer, the scores."""
+        (B, n_in), N, n_out = u_shape, self.params["b"].shape[1], self.params["c"].shape[0]
+        return B * (n_in + 5 * N + n_out) * numpy.dtype(self.dtype).itemsize
 
     def forward(self, u, rng=None):
         """u: (B, n_in) -> scores z: (B, n_out), and the cache for backward.
@@ -142,10 +146,19 @@ class RoaFNN(Model):
         x, in_cache = linear_forward(u, p["W_in"], p["b_in"])
         roa_caches = []
         for layers in self.blocks():                    # x_0 -> x_L, BLOCK layers at a time
-            x, block_cache = roa_forward(x, self.WO[layers], p["b"][layers], self.beta, self.act)
+            x, block_cache = roa_forward(x, p["W"][layers], self.O[layers], p["b"][layers],
+                                         self.alpha, self.beta, self.act)
             roa_caches.append(block_cache)
         z, out_cache = self.readout_forward(x, rng)
         return z, (in_cache, roa_caches, out_cache)
+
+    def inference(self, u):
+        """The scores z of forward(u), computed without a cache (evaluation)."""
+        p = self.params
+        x, _ = linear_forward(u, p["W_in"], p["b_in"])
+        x = roa_inference(x, p["W"], self.O, p["b"], self.alpha, self.beta, self.act)
+        z, _ = linear_forward(x, p["V"], p["c"])
+        return z
 
     def backward(self, dz, cache):
         """dz = dL/dz -> the gradient of every parameter. It empties the
@@ -192,21 +205,39 @@ class RoaRNN(Model):
         N = hidden
         self.readout = readout
         W, U, V = self.gaussian((N, N), N), self.gaussian((N, n_in), n_in), self.gaussian((n_out, N), N)
-        self.params = self.to_device({"U": U, "b": numpy.zeros(N), "V": V, "c": numpy.zeros(n_out)})
-        self.store_filters(W, random_orthogonal(self.rng, N, 1)[0])
+        self.params = self.to_device({"W": W, "U": U, "b": numpy.zeros(N), "V": V, "c": numpy.zeros(n_out)})
+        self.set_filters(random_orthogonal(self.rng, N, 1)[0])
 
     def kept_bytes(self, u_shape):
         """kept_bytes for inputs of shape u_shape = (T, B, n_in)."""
         return kept_bytes(u_shape[0], u_shape[1], self.params["b"].shape[0], self.dtype)
+
+    def inference_bytes(self, u_shape):
+        """Bytes that inference takes for inputs of shape u_shape = (T, B, n_in):
+        the inputs, the input terms U u_t + b of every step, every state with
+        the readout "every" (else a few), the scores."""
+        (T, B, n_in), N, n_out = u_shape, self.params["b"].shape[0], self.params["c"].shape[0]
+        states = T * N if self.readout == "every" else 5 * N
+        outputs = T * n_out if self.readout == "every" else n_out
+        return B * (T * n_in + T * N + states + outputs) * numpy.dtype(self.dtype).itemsize
 
     def forward(self, u, rng=None):
         """u: (T, B, n_in) -> z: (B, n_out) or (T, B, n_out), and the cache.
         rng: a training pass, drawing the dropout masks from it."""
         p = self.params
         h0 = self.xp.zeros((u.shape[1], p["b"].shape[0]), dtype=u.dtype)
-        hs, rnn_cache = rnn_forward(u, h0, self.WO, p["U"], p["b"], self.beta, self.act)
+        hs, rnn_cache = rnn_forward(u, h0, p["W"], self.O, p["U"], p["b"], self.alpha, self.beta, self.act)
         z, out_cache = self.readout_forward(hs[-1] if self.readout == "last" else hs, rng)
         return z, (rnn_cache, out_cache)
+
+    def inference(self, u):
+        """The scores z of forward(u), computed without a cache (evaluation)."""
+        p = self.params
+        h0 = self.xp.zeros((u.shape[1], p["b"].shape[0]), dtype=u.dtype)
+        hs = rnn_inference(u, h0, p["W"], self.O, p["U"], p["b"], self.alpha, self.beta, self.act,
+                           all_states=self.readout == "every")
+        z, _ = linear_forward(hs, p["V"], p["c"])
+        return z
 
     def backward(self, dz, cache):
         """dz = dL/dz -> the gradient of every parameter, by BPTT."""
@@ -247,17 +278,17 @@ class StopOnSigint:
 
 
 def evaluate(model, task, data):
-    """(loss, metric) of the task over a held-out set (u, y), in chunks whose
-    forward caches take at most EVAL_BYTES."""
+    """(loss, metric) of the task over a held-out set (u, y), by the inference
+    forward, in chunks of examples that take at most EVAL_BYTES each."""
     u, y = data
     B = u.shape[task.u_axis]
-    chunk = max(1, min(B, int(EVAL_BYTES * B // model.kept_bytes(u.shape))))
+    chunk = max(1, min(B, int(EVAL_BYTES * B // model.inference_bytes(u.shape))))
     loss = metric = 0.0
     for start in range(0, B, chunk):
         rows = range(start, min(start + chunk, B))
         u_part, y_part = on_device(model.xp, numpy.take(u, rows, axis=task.u_axis),
                                    numpy.take(y, rows, axis=task.y_axis), model.dtype)
-        z, _ = model.forward(u_part)
+        z = model.inference(u_part)
         loss += task.loss(z, y_part)[0] * len(rows) / B
         metric += task.metric(z, y_part) * len(rows) / B
     return loss, metric
@@ -597,12 +628,15 @@ def make_model(args, task):
 
 def check_memory(args, task, xp):
     """Refuse, before anything is allocated, a run whose memory would not fit:
-    the activations kept for backprop (kept_bytes), the
-    weights with their gradients (and Adam's moments), and the filters O."""
+    the activations kept for backprop (kept_bytes; for the roaRNN also the
+    input terms U u_t + b of every step), the weights with their gradients
+    (and Adam's moments), and the filters O."""
     item = numpy.dtype(args.dtype).itemsize
     shape = task.input_shape(args.batch)
     unrolled, layers = (args.depth, args.depth) if task.model == "fnn" else (shape[0], 1)
     kept = kept_bytes(unrolled, args.batch, args.hidden, args.dtype)
+    if task.model == "rnn":
+        kept += shape[0] * args.batch * args.hidden * item
     # W and O, W's gradient, the best W so far (+ Adam's m, v; + the weight average)
     copies = (6 if args.optimizer == "adam" else 4) + (1 if args.average_from else 0)
     need = kept + copies * layers * args.hidden ** 2 * item + min(EVAL_BYTES, kept)

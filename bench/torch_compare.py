@@ -28,9 +28,9 @@ def torch_step_fn(torch, ours, u, y, lr):
     """The same roaRNN written with torch tensors and autograd, from the parameters
     `ours` has now; returns (step, gradients), two functions."""
     p = {k: torch.tensor(numpy.array(v), requires_grad=True) for k, v in ours.params.items()}
-    N = ours.WO.shape[-1]
-    alpha_O = torch.tensor(numpy.array(ours.WO[1]))           # the fixed filter, alpha O
-    beta = ours.beta
+    N = ours.O.shape[-1]
+    O = torch.tensor(numpy.array(ours.O))                     # the fixed filter
+    alpha, beta = ours.alpha, ours.beta
     u_t, y_t = torch.tensor(u), torch.tensor(y)
     optimizer = torch.optim.Adam(p.values(), lr=lr)
 
@@ -38,7 +38,7 @@ def torch_step_fn(torch, ours, u, y, lr):
         h = torch.zeros(u.shape[1], N)
         inputs = (u_t @ p["U"].T + p["b"]).unbind(0)        # (indexing inputs[t] instead would make
         for t in range(u.shape[0]):                          #  autograd zero-fill a (T, B, N) array per step)
-            h = h @ alpha_O.T + beta * torch.tanh(h @ p["W"].T + inputs[t])
+            h = alpha * h @ O.T + beta * torch.tanh(h @ p["W"].T + inputs[t])
         return torch.nn.functional.cross_entropy(h @ p["V"].T + p["c"], y_t)
 
     def step():

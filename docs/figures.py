@@ -82,10 +82,10 @@ def figure_lag(plt, T, out):
     for label, alpha, beta in (("roaRNN, alpha 1, beta 0.1", 1.0, 0.1), ("vanilla RNN, alpha 0, beta 1", 0.0, 1.0)):
         model = roa.RoaRNN(2, 1, N, alpha, beta, seed=0)
         p = model.params
-        hs, _ = ag.rnn_forward(u[:, None, :], numpy.zeros((1, N)), model.WO, p["U"], p["b"], beta, act)
+        hs, _ = ag.rnn_forward(u[:, None, :], numpy.zeros((1, N)), p["W"], model.O, p["U"], p["b"], alpha, beta, act)
         states = numpy.concatenate([numpy.zeros((1, N)), hs[:, 0]])          # h_0 .. h_T
-        s = numpy.array([numpy.linalg.svd(ag.rnn_jacobian(u[T - k:], states[T - k], model.WO, p["U"], p["b"],
-                                                          beta, act), compute_uv=False)[[0, -1]]
+        s = numpy.array([numpy.linalg.svd(ag.rnn_jacobian(u[T - k:], states[T - k], p["W"], model.O, p["U"],
+                                                          p["b"], alpha, beta, act), compute_uv=False)[[0, -1]]
                          for k in lags])
         line, = ax.loglog(lags, numpy.maximum(s[:, 0], TINY), label=f"{label}: largest")
         ax.loglog(lags, numpy.maximum(s[:, 1], TINY), "--", color=line.get_color(), label=f"{label}: smallest")
@@ -106,9 +106,9 @@ def jacobian_and_bounds(model):
     """Singular values of the engine's d x_L / d x_0 at a Gaussian x_0, and the
     data-independent bounds prod(alpha -/+ beta gamma ||W_l||)."""
     p = {k: ag.to_numpy(v).astype(numpy.float64) for k, v in model.params.items()}
-    WO = ag.to_numpy(model.WO).astype(numpy.float64)
-    x0 = numpy.random.default_rng(1).standard_normal(WO.shape[-1])
-    s = numpy.linalg.svd(ag.roa_jacobian(x0, WO, p["b"], model.beta, model.act),
+    O = ag.to_numpy(model.O).astype(numpy.float64)
+    x0 = numpy.random.default_rng(1).standard_normal(O.shape[-1])
+    s = numpy.linalg.svd(ag.roa_jacobian(x0, p["W"], O, p["b"], model.alpha, model.beta, model.act),
                          compute_uv=False)
     norms = model.act.gamma * numpy.linalg.norm(p["W"], 2, axis=(1, 2))
     lower = numpy.prod(model.alpha - model.beta * norms) if numpy.all(model.alpha > model.beta * norms) else 0
@@ -130,7 +130,7 @@ def figure_singular_values(plt, depth, trained, out):
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (label, model) in enumerate(models):
         s, lower, upper = jacobian_and_bounds(model)
-        dots = ax.plot(numpy.arange(len(s)), s, "o", ms=3, label=f"{label}, L {model.WO.shape[0]:,}")[0]
+        dots = ax.plot(numpy.arange(len(s)), s, "o", ms=3, label=f"{label}, L {model.O.shape[0]:,}")[0]
         ax.axhline(upper, color=dots.get_color(), ls="--", lw=1, label=f"bounds: {lower:.3g} .. {upper:.3g}")
         if lower > 0:           # with a factor alpha - beta gamma ||W_l|| <= 0 there is no lower bound
             ax.axhline(lower, color=dots.get_color(), ls="--", lw=1)

@@ -20,7 +20,7 @@ import numpy
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import roa  # noqa: E402
-from autograd import RoaError, rnn_forward  # noqa: E402
+from autograd import RoaError, rnn_inference  # noqa: E402
 from tasks import COPY_SYMBOLS, Copy  # noqa: E402
 
 
@@ -41,8 +41,8 @@ def main(argv=None):
         sys.exit(f"readout_probe.py: error: {err}")
     u, y = Copy(args.length).train_batch(seed=123, step=0, B=args.sequences)
     h0 = numpy.zeros((args.sequences, config["hidden"]), numpy.float32)
-    hs, _ = rnn_forward(u.astype(numpy.float32), h0, model.WO, model.params["U"], model.params["b"],
-                        model.beta, model.act)
+    hs = rnn_inference(u.astype(numpy.float32), h0, model.params["W"], model.O, model.params["U"],
+                       model.params["b"], model.alpha, model.beta, model.act, all_states=True)
     fit = 3 * args.sequences // 4
     print(f"{args.checkpoint} (step {step}, trained at T = {config['length']}) at T = {args.length}: "
           f"mean |h| at the end {numpy.linalg.norm(hs[-1], axis=1).mean():.1f}")
