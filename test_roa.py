@@ -8,6 +8,7 @@ import json
 import math
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import tracemalloc
@@ -1003,8 +1004,8 @@ def test_idx_reader_rejects_every_truncation(cut, compress):
 
 
 def saved_params(path):
-    config, step, params, optim, _, _ = roa.load_checkpoint(str(path))
-    return step, params, optim
+    checkpoint = roa.load_checkpoint(str(path))
+    return checkpoint.step, checkpoint.params, checkpoint.optim
 
 
 def test_init_starts_a_new_run_from_the_saved_parameters(tmp_path):
@@ -1019,7 +1020,7 @@ def test_init_starts_a_new_run_from_the_saved_parameters(tmp_path):
     _, start, _ = saved_params(first)
     step, ended, optim = saved_params(second)
     _, fresh_params, _ = saved_params(fresh)
-    assert step == 3 and int(optim["t"]) == 3 and roa.load_checkpoint(second)[0]["length"] == 9
+    assert step == 3 and int(optim["t"]) == 3 and roa.load_checkpoint(second).config["length"] == 9
     assert max(numpy.abs(ended[k] - start[k]).max() for k in start) < 1e-7
     assert max(numpy.abs(fresh_params[k] - start[k]).max() for k in start) > 1e-2
 
@@ -1061,10 +1062,10 @@ def test_averaged_run_validates_and_scores_the_mean_of_the_reported_parameters()
     task = roa.make_task(args, print)
     model = roa.make_model(args, task)
     after, reports = {}, []
-    keep = (lambda step: after.__setitem__(step, {k: v.copy() for k, v in model.params.items()}))
     plan = roa.Plan(steps=10, batch=3, seed=0, eval_every=2, lr=0.05, save_every=1)
-    test_loss, _, best_step = roa.train(model, task, roa.Adam(0.05), plan, log=lambda line: None,
-                                        save=keep, record=reports.append, average=roa.WeightAverage(5))
+    keep = (lambda progress: after.__setitem__(progress.step, {k: v.copy() for k, v in model.params.items()}))
+    test_loss, _, best_step = roa.train(model, task, roa.Adam(0.05), plan, roa.Progress(roa.WeightAverage(5)),
+                                        log=lambda line: None, save=keep, record=reports.append)
 
     def validated(step):                         # the parameters the report at `step` validates
         folded = [s for s in (6, 8, 10) if s <= step]
@@ -1090,7 +1091,7 @@ def test_resume_keeps_the_weight_average(tmp_path):
     one, two = str(tmp_path / "one.npz"), str(tmp_path / "two.npz")
     run = (lambda steps, *more: roa.main([f.format(steps=steps) for f in flags] + list(more)))
     assert run(10, one) == 0 and run(6, two) == 0 and run(10, two, "--resume", two) == 0
-    average_one, average_two = roa.load_checkpoint(one)[5], roa.load_checkpoint(two)[5]
+    average_one, average_two = roa.load_checkpoint(one).average, roa.load_checkpoint(two).average
     assert int(average_one["count"]) == 4                  # the reports at steps 4, 6, 8, 10
     assert average_one.keys() == average_two.keys()
     for name in average_one:
@@ -1126,24 +1127,287 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypat
     code, err, _ = run_cli(TINY + ["--resume", str(path), "--save", str(path), "--quiet"], capsys)
     assert code == 2 and "could not save" in err
     assert path.read_bytes() == before
-    assert not (tmp_path / "run.npz.tmp").exists()
+    assert [f.name for f in tmp_path.iterdir()] == ["run.npz"]        # no temporary file left behind
     assert saved_params(path)[0] == 4
 
 
-def test_ctrl_c_saves_the_finished_step_and_exits_130(tmp_path, monkeypatch, capsys):
+def signal_at(monkeypatch, steps, signum=signal.SIGTERM):
+    """Make training send itself `signum` right after each step in `steps`
+    (as a preemption or Ctrl-C would arrive during it)."""
     step_once = roa.train_step
 
-    def interrupted_at_3(model, task, optimizer, seed, step, batch):
+    def step_and_signal(model, task, optimizer, seed, step, batch):
         result = step_once(model, task, optimizer, seed, step, batch)
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(steps.count(step)):
+            os.kill(os.getpid(), signum)
         return result
 
-    monkeypatch.setattr(roa, "train_step", interrupted_at_3)
+    monkeypatch.setattr(roa, "train_step", step_and_signal)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_saves_the_finished_step_and_exits_128_plus_its_number(tmp_path, monkeypatch, capsys, signum):
+    signal_at(monkeypatch, [3], signum)
     path = tmp_path / "run.npz"
     code, err, _ = run_cli(TINY + ["--save", str(path), "--quiet"], capsys)
-    assert code == 130 and "after step 3" in err and "--resume" in err
+    assert code == 128 + signum
+    assert err.count("\n") == 1 and roa.STOP_SIGNALS[signum] in err and "after step 3" in err
+    assert f"python roa.py --resume {path}" in err
     assert saved_params(path)[0] == 3
+
+
+def test_a_second_signal_stops_at_once_with_one_line(tmp_path, monkeypatch, capsys):
+    signal_at(monkeypatch, [5, 5])
+    path = tmp_path / "run.npz"
+    code, err, _ = run_cli(TINY + ["--save", str(path), "--save-every", "2", "--quiet"], capsys)
+    assert code == 128 + signal.SIGTERM and err.count("\n") == 1 and "second SIGTERM" in err
+    assert "Traceback" not in err
+    assert saved_params(path)[0] == 4                     # the last checkpoint, as it was
+
+
+def final_line(out):
+    """The summary line without its wall time: what the test scored."""
+    return out.strip().splitlines()[-1].split("; wall time")[0]
+
+
+@given(st.integers(1, 23), st.booleans())
+def test_a_run_stopped_at_any_step_and_resumed_ends_as_the_run_uninterrupted(stop_at, average):
+    """Stopped by SIGTERM after any step, then `--resume PATH` alone: the same
+    final parameters and optimiser state, the same reports, and the same test
+    line (the step chosen on validation -- here not the last report's --
+    and its test metric), bit for bit in float64; with dropout, reports every
+    2 steps and, drawn, a weight average."""
+    flags = TINY[:-2] + ["--steps", "24", "--dtype", "float64", "--dropout", "0.2", "--eval-every", "2",
+                         "--lr", "0.2"] + (["--average-from", "7"] if average else [])
+    with tempfile.TemporaryDirectory() as folder, pytest.MonkeyPatch.context() as monkeypatch:
+        whole, stopped = (os.path.join(folder, name) for name in ("whole.npz", "stopped.npz"))
+        capture = []
+        monkeypatch.setattr(roa, "say", capture.append)
+        assert roa.main(flags + ["--save", whole, "--metrics", whole + ".jsonl"]) == 0
+        expected = final_line(capture[-1])
+        signal_at(monkeypatch, [stop_at])
+        assert roa.main(flags + ["--save", stopped, "--metrics", stopped + ".jsonl"]) == 128 + signal.SIGTERM
+        monkeypatch.undo()
+        monkeypatch.setattr(roa, "say", capture.append)
+        assert roa.main(["--resume", stopped]) == 0
+        assert final_line(capture[-1]).replace("stopped.npz", "whole.npz") == expected
+        reports = [[{k: r[k] for k in ("step", "loss", "val_loss", "val_metric", "averaged")}
+                    for r in map(json.loads, open(path + ".jsonl"))] for path in (whole, stopped)]
+        assert reports[0] == reports[1] and len(reports[0]) == 12
+        one, two = roa.load_checkpoint(whole), roa.load_checkpoint(stopped)
+        assert one.step == two.step == 24 and one.progress == two.progress
+        for group in ("params", "optim", "average", "best"):
+            a, b = getattr(one, group), getattr(two, group)
+            assert a.keys() == b.keys() and all(numpy.array_equal(a[k], b[k]) for k in a), group
+
+
+def test_a_resume_continues_the_saved_plan_and_may_only_extend_it(tmp_path, monkeypatch, capsys):
+    """`--resume PATH` alone takes every flag and the run's length from the
+    checkpoint; --steps longer extends it; shorter, or a longer cosine run, is refused."""
+    path = str(tmp_path / "run.npz")
+    signal_at(monkeypatch, [4])
+    assert roa.main(TINY[:-2] + ["--steps", "8", "--eval-every", "2", "--save", path, "--quiet"]) == 128 + 15
+    monkeypatch.undo()
+    code, err, _ = run_cli(["--resume", path, "--steps", "6"], capsys)
+    assert code == 2 and "--steps 6 is shorter" in err
+    code, _, out = run_cli(["--resume", path], capsys)
+    assert code == 0 and "resuming" in out and "step 8/8" in out and "step 6/8" in out
+    assert saved_params(path)[0] == 8 and roa.load_checkpoint(path).config["hidden"] == 4
+    code, err, _ = run_cli(["--resume", path], capsys)
+    assert code == 2 and "finished its run at step 8" in err
+    code, _, out = run_cli(["--resume", path, "--steps", "10", "--quiet"], capsys)
+    assert code == 0 and saved_params(path)[0] == 10
+    cosine = str(tmp_path / "cosine.npz")
+    assert roa.main(TINY + ["--schedule", "cosine", "--save", cosine, "--quiet"]) == 0
+    code, err, _ = run_cli(["--resume", cosine, "--steps", "20"], capsys)
+    assert code == 2 and "cosine schedule" in err
+
+
+def test_an_epoch_count_gives_its_number_of_steps(tmp_path, capsys):
+    """32 training images (40 less 8 held out), batch 4: 8 steps an epoch, 2 epochs 16 steps."""
+    write_fake_mnist(tmp_path, 40, 6)
+    path = tmp_path / "run.npz"
+    code, err, out = run_cli(["--task", "psmnist", "--data-dir", str(tmp_path), "--validation", "8", "--hidden", "4",
+                              "--batch", "4", "--epochs", "2", "--save", str(path)], capsys)
+    assert code == 0, err
+    assert saved_params(path)[0] == 16 and "step 16/16" in out
+    assert "94 %, the paper's claim after one epoch" in out
+
+
+def test_the_best_report_is_chosen_also_when_it_is_not_the_last(monkeypatch, capsys):
+    """Validation metrics scripted report by report: the test scores the
+    parameters of the best report (lowest MSE, the second of four here)."""
+    scripted = iter([0.5, 0.2, 0.9, 0.3])
+    scored, evaluate = [], roa.evaluate_params
+
+    def scripted_validation(model, params, task, data):
+        if data is task.validation:
+            return 1.0, next(scripted)
+        scored.append({k: v.copy() for k, v in params.items()})
+        return evaluate(model, params, task, data)
+
+    monkeypatch.setattr(roa, "evaluate_params", scripted_validation)
+    args = roa.fill_defaults(roa.parse_args(TINY + ["--dtype", "float64"]))
+    task = roa.make_task(args, print)
+    model = roa.make_model(args, task)
+    after = {}
+    keep = (lambda progress: after.__setitem__(progress.step, {k: v.copy() for k, v in model.params.items()}))
+    plan = roa.Plan(steps=8, batch=3, seed=0, eval_every=2, lr=0.05, save_every=1)
+    _, _, best_step = roa.train(model, task, roa.Adam(0.05), plan, roa.Progress(), log=lambda line: None, save=keep)
+    assert best_step == 4
+    assert all(numpy.array_equal(scored[0][k], after[4][k]) for k in after[4])
+
+
+@given(st.integers(1, 40), seeds)
+def test_evaluation_in_any_chunks_equals_the_whole_set_at_once(chunk, seed):
+    """The held-out loss and metric, whatever the chunk size, are those of
+    all the examples in one forward pass."""
+    model = roa.RoaRNN(10, 9, 5, 1.0, 0.5, readout="every", dtype="float64", seed=seed)
+    task = tasks.Copy(3)
+    u, y = tasks.copy_batch(numpy.random.default_rng(seed), 3, 40)
+    z = model.inference(u)
+    whole = (task.loss(z, y)[0], task.metric(z, y))
+    per_example = model.inference_bytes(u.shape) / 40
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(roa, "EVAL_BYTES", int(chunk * per_example) + 1)
+        loss, metric = roa.evaluate(model, task, (u, y))
+    assert loss == pytest.approx(whole[0], rel=1e-12) and metric == pytest.approx(whole[1], rel=1e-12)
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path, capsys):
+    """A missing folder is made (one line says so); a folder, a device or a
+    folder that cannot be written is refused with exit 2 before training."""
+    save, metrics = tmp_path / "runs" / "deep" / "a.npz", tmp_path / "logs" / "a.jsonl"
+    code, _, out = run_cli(TINY + ["--save", str(save), "--metrics", str(metrics)], capsys)
+    assert code == 0 and saved_params(save)[0] == 10 and metrics.read_text().count("\n") == 10
+    assert f"created the folder {save.parent}" in out and f"created the folder {metrics.parent}" in out
+    for flag, path, named in [("--save", tmp_path, "is a folder"), ("--metrics", tmp_path, "is a folder"),
+                              ("--save", "/dev/null", "not a regular file"),
+                              ("--metrics", "/dev/null", "not a regular file"),
+                              ("--save", "/proc/roa.npz", "cannot write"),
+                              ("--save", "/proc/roa/run.npz", "cannot create its folder")]:
+        code, err, out = run_cli(TINY + [flag, str(path)], capsys)
+        assert code == 2 and named in err and str(path) in err and "step" not in out, (flag, path, err)
+
+
+@pytest.mark.parametrize("flag", ["--save", "--metrics", "--resume", "--init", "--data-dir"])
+def test_an_empty_path_is_an_error_naming_its_flag(flag, tmp_path, capsys):
+    code, err, _ = run_cli(TINY + [flag, ""], capsys)
+    assert code == 2 and f"{flag} is empty" in err
+
+
+def test_a_save_never_goes_through_a_planted_link(tmp_path):
+    victim, path = tmp_path / "victim", tmp_path / "run.npz"
+    victim.write_text("keep me")
+    (tmp_path / "run.npz.tmp").symlink_to(victim)
+    assert roa.main(TINY + ["--save", str(path), "--save-every", "1", "--quiet"]) == 0
+    assert victim.read_text() == "keep me" and saved_params(path)[0] == 10
+
+
+def test_a_save_flushes_the_file_and_its_folder_to_disk(tmp_path, monkeypatch):
+    flushed = []
+    fsync = os.fsync
+    monkeypatch.setattr(roa.os, "fsync", lambda fd: flushed.append(os.fstat(fd).st_mode) or fsync(fd))
+    assert roa.main(TINY + ["--save", str(tmp_path / "run.npz"), "--quiet"]) == 0
+    assert [mode & 0o170000 for mode in flushed] == [0o100000, 0o040000]      # a regular file, then a folder
+
+
+def test_two_runs_saving_to_one_path_both_finish_and_it_always_loads(tmp_path):
+    """Two processes checkpoint every step into the same PATH while this one
+    reads it: every read finds one whole checkpoint."""
+    path = str(tmp_path / "shared.npz")
+    command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "roa.py"), *TINY[:-2],
+               "--steps", "150", "--save", path, "--save-every", "1", "--quiet"]
+    runs = [subprocess.Popen(command + ["--seed", str(seed)], stderr=subprocess.PIPE) for seed in (1, 2)]
+    reads = 0
+    while any(run.poll() is None for run in runs):
+        if os.path.exists(path):
+            assert roa.load_checkpoint(path).step >= 1
+            reads += 1
+    assert [run.wait() for run in runs] == [0, 0], [run.stderr.read() for run in runs]
+    assert reads > 0 and roa.load_checkpoint(path).step == 150
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["shared.npz"]
+
+
+def test_sigterm_to_a_real_run_saves_and_the_resume_ends_as_the_whole_run(tmp_path):
+    """A subprocess is sent SIGTERM after its first report: it saves, says
+    how to resume, exits 143; `--resume PATH` then ends with the test line
+    and parameters of the same run left uninterrupted."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "roa.py")
+    flags = [*TINY[:-2], "--steps", "4000", "--eval-every", "100", "--dtype", "float64"]
+    stopped, whole = str(tmp_path / "stopped.npz"), str(tmp_path / "whole.npz")
+    run = subprocess.Popen([sys.executable, script, *flags, "--save", stopped], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    assert run.stdout.readline().startswith("roa: adding")
+    assert run.stdout.readline().startswith("step")
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate()
+    assert run.returncode == 143 and "SIGTERM" in err and f"--resume {stopped}" in err, err
+    step = roa.load_checkpoint(stopped).step
+    assert 100 <= step < 4000
+    resumed = subprocess.run([sys.executable, script, "--resume", stopped], capture_output=True, text=True)
+    uninterrupted = subprocess.run([sys.executable, script, *flags, "--save", whole], capture_output=True, text=True)
+    assert resumed.returncode == uninterrupted.returncode == 0
+    assert final_line(resumed.stdout).replace(stopped, whole) == final_line(uninterrupted.stdout)
+    one, two = roa.load_checkpoint(whole), roa.load_checkpoint(stopped)
+    assert all(numpy.array_equal(one.params[k], two.params[k]) for k in one.params)
+
+
+def test_a_closed_output_pipe_stops_printing_not_training(tmp_path):
+    """`python roa.py ... | head -1`: the run goes on to its end and saves."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "roa.py")
+    path = str(tmp_path / "run.npz")
+    run = subprocess.Popen([sys.executable, script, *TINY[:-2], "--steps", "3000", "--eval-every", "1",
+                            "--save", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    run.stdout.readline()
+    run.stdout.close()
+    assert run.wait() == 0 and run.stderr.read() == b""
+    assert roa.load_checkpoint(path).step == 3000
+
+
+@pytest.mark.parametrize("flags, cause", [
+    (["--lr", "1e30"], "grown to 1.0e+30 at learning rate 1e+30: lower --lr"),      # float32
+    (["--lr", "1e39"], "at learning rate 1e+39 overflowed"),         # float32: the update itself overflows
+    (["--alpha", "1e10", "--length", "60"], "--alpha 10000000000.0 > 1"),
+    (["--lr", "1e308", "--dtype", "float64"], "lower --lr"),
+])
+def test_non_finite_numbers_stop_the_run_and_are_never_saved(flags, cause, tmp_path, capsys):
+    path = tmp_path / "run.npz"
+    code, err, _ = run_cli(TINY + flags + ["--save", str(path), "--save-every", "1", "--quiet"], capsys)
+    assert code == 2 and "training stopped at step" in err and cause in err, err
+    assert err.count("\n") == 1
+    if path.exists():
+        _, params, optim = saved_params(path)
+        assert all(numpy.isfinite(a).all() for a in [*params.values(), *optim.values()])
+
+
+def test_an_unwritable_metrics_log_saves_and_stops_with_one_line(tmp_path, monkeypatch, capsys):
+    """The metrics log fails at the second report (a full disk): the run saves
+    its checkpoint, names the error in one line and exits non-zero."""
+
+    class FullDisk:
+        lines = 0
+
+        def write(self, text):
+            self.lines += text.count("\n")
+            if self.lines >= 2:
+                raise OSError(28, "No space left on device")
+
+        def flush(self):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    monkeypatch.setattr(roa, "open", lambda path, mode: FullDisk(), raising=False)
+    path = tmp_path / "run.npz"
+    code, err, _ = run_cli(TINY + ["--eval-every", "2", "--metrics", str(tmp_path / "m.jsonl"),
+                                   "--save", str(path), "--quiet"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "metrics log" in err and "No space left" in err
+    assert saved_params(path)[0] == 4
 
 
 def test_metrics_log_has_one_json_line_per_report(tmp_path):
