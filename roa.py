@@ -26,6 +26,7 @@ import zipfile
 from typing import NamedTuple
 
 import numpy
+from threadpoolctl import threadpool_limits
 
 from autograd import (ACTIVATIONS, SGD, Adam, RoaError, activation, array_module, dropout_backward,
                       dropout_forward, free_memory, linear_backward, linear_forward, random_orthogonal,
@@ -689,6 +690,9 @@ def parse_args(argv):
                    help="steps between validation reports (default: 20 reports a run)")
     p.add_argument("--seed", type=number(int, 0, False), help="model and data seed (default 0)")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"], help="NumPy or CuPy (default cpu)")
+    p.add_argument("--threads", type=thread_count, default="auto", help="BLAS threads: an integer, or auto "
+                   "(default): one, unless the model is wide (N >= 1024) and at least 4 cores are free to "
+                   "this process; more threads collapse when another process holds a core")
     p.add_argument("--dtype", choices=DTYPES, help="default float32")
     p.add_argument("--validation", type=number(int, 1, False),
                    help="MNIST training images held out for validation (default 5000)")
@@ -704,6 +708,44 @@ def parse_args(argv):
     p.add_argument("--metrics", metavar="PATH", help="append one JSON line per validation report here")
     p.add_argument("--quiet", action="store_true", help="print only the final summary")
     return p.parse_args(argv)
+
+
+def available_cores():
+    """The CPU cores this process may really use: those of its affinity mask,
+    capped by a container's CPU quota (cgroup v2 cpu.max, or v1 cpu.cfs_quota_us)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/sys/fs/cgroup/cpu.max") as f:                       # cgroup v2: "max 100000" or "200000 100000"
+            limit, period = f.read().split()[:2]
+            quota = None if limit == "max" else int(limit) / int(period)
+    if quota is None:
+        with contextlib.suppress(OSError, ValueError):
+            with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as q, open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as p:
+                limit, period = int(q.read()), int(p.read())
+                quota = limit / period if limit > 0 else None
+    return max(1, min(cores, int(quota))) if quota else cores
+
+
+AUTO_THREADS_WIDTH = 1024    # the width from which a second BLAS thread pays (docs/RESULTS.md, Speed)
+
+
+def auto_threads(width, cores):
+    """The BLAS threads of `--threads auto`: one, unless the model is wide
+    enough for more to pay and the machine has cores to spare. The products
+    of a training step are small; on this project's measurements a second
+    thread gains little on them even on a quiet machine, and when another
+    process holds a core, two threads are several times slower than one."""
+    if width < AUTO_THREADS_WIDTH or cores < 4:
+        return 1
+    return min(cores // 2, 4)
+
+
+def thread_count(text):
+    """An argparse type: a positive integer, or 'auto'."""
+    if text == "auto":
+        return text
+    return number(int, 1, False)(text)
 
 
 def check_flags(args):
@@ -877,6 +919,8 @@ def run(args, log=say):
     if args.average_from > steps:
         raise RoaError(f"--average-from {args.average_from} is after the run's last step, {steps}")
     check_memory(args, task, array_module(args.device))
+    threads = auto_threads(args.hidden, available_cores()) if args.threads == "auto" else args.threads
+    threadpool_limits(threads, user_api="blas")
     model = make_model(args, task)
     optimizer = Adam(args.lr, args.weight_decay) if args.optimizer == "adam" else SGD(args.lr)
     progress = Progress(WeightAverage(args.average_from) if args.average_from else None)
@@ -894,7 +938,7 @@ def run(args, log=say):
     config = {name: getattr(args, name) for name in TRAINING_FLAGS + PLAN_FLAGS}
     config["steps"] = steps
     save = args.save and (lambda progress: save_checkpoint(args.save, model, optimizer, config, progress))
-    log(describe(args, task, steps))
+    log(describe(args, task, steps) + f" | {threads} BLAS thread{'s' * (threads > 1)}")
     try:
         metrics = open(args.metrics, "a") if args.metrics else None
     except OSError as err:

@@ -1402,9 +1402,11 @@ def test_an_unwritable_metrics_log_saves_and_stops_with_one_line(tmp_path, monke
         def __exit__(self, *exc):
             pass
 
-    monkeypatch.setattr(roa, "open", lambda path, mode: FullDisk(), raising=False)
+    metrics_log, real_open = str(tmp_path / "m.jsonl"), open
+    monkeypatch.setattr(roa, "open", lambda path, mode="r": FullDisk() if path == metrics_log else real_open(path, mode),
+                        raising=False)
     path = tmp_path / "run.npz"
-    code, err, _ = run_cli(TINY + ["--eval-every", "2", "--metrics", str(tmp_path / "m.jsonl"),
+    code, err, _ = run_cli(TINY + ["--eval-every", "2", "--metrics", metrics_log,
                                    "--save", str(path), "--quiet"], capsys)
     assert code == 2 and err.count("\n") == 1 and "metrics log" in err and "No space left" in err
     assert saved_params(path)[0] == 4

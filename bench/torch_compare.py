@@ -6,8 +6,10 @@
 PyTorch is an optional dependency used by this script alone
 (pip install torch); without it the script says so and exits.
 Both models are timed in the same process, on the same data, each the
-median of several steps after warm-up; the ratio printed is ours / PyTorch.
-The two compute the same gradients: the script checks that first.
+median of several steps after warm-up, at one and then two threads (our
+BLAS threads through threadpoolctl, PyTorch's through set_num_threads);
+the ratios printed are ours / PyTorch at each count. The two compute the
+same gradients: the script checks that first.
 """
 
 import argparse
@@ -17,6 +19,7 @@ import sys
 import time
 
 import numpy
+from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -71,6 +74,7 @@ def main():
     a.add_argument("--n-in", type=int, default=1)
     a.add_argument("--n-out", type=int, default=10)
     a.add_argument("--repeats", type=int, default=7)
+    a.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts to compare at")
     args = a.parse_args()
     try:
         import torch
@@ -90,20 +94,20 @@ def main():
         z, cache = ours.forward(u)
         optimizer.step(ours.params, ours.backward(softmax_cross_entropy(z, y)[1], cache))
 
-    # ours first, before PyTorch computes anything: its idle threads spin for a
-    # while after each parallel region and would take a core from us
-    ours_s = median_time(our_step, args.repeats)
     torch_grads = torch_gradients()
     for name, g in our_grads.items():
         error = numpy.linalg.norm(g - torch_grads[name]) / numpy.linalg.norm(torch_grads[name])
         if error > 1e-3:
             print(f"torch_compare: gradients of {name} differ (relative {error:.1e}): not the same model")
             return 1
-    torch_s = median_time(torch_step, args.repeats)
-    print(f"roaRNN T={args.T} N={args.N} batch {args.B} float32 Adam; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; BLAS threads here {os.environ.get('OPENBLAS_NUM_THREADS', 'default')}")
-    print(f"ours {ours_s * 1e3:.1f} ms/step   PyTorch {torch_s * 1e3:.1f} ms/step   "
-          f"ours / PyTorch = {ours_s / torch_s:.2f}   (gradients agree)")
+    print(f"roaRNN T={args.T} N={args.N} batch {args.B} float32 Adam; torch {torch.__version__}; gradients agree")
+    for threads in args.threads:
+        threadpool_limits(threads, user_api="blas")
+        torch.set_num_threads(threads)
+        ours_s = median_time(our_step, args.repeats)
+        torch_s = median_time(torch_step, args.repeats)
+        print(f"{threads} thread{'s' * (threads > 1)}: ours {ours_s * 1e3:.1f} ms/step   PyTorch {torch_s * 1e3:.1f} "
+              f"ms/step   ours / PyTorch = {ours_s / torch_s:.2f}", flush=True)
     return 0
 
 
