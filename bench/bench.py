@@ -101,6 +101,17 @@ def matmul_peak(xp, seconds=2.0, n=2048):
     return 2 * n ** 3 / best / 1e9
 
 
+def median_time(step, repeats):
+    """The median time of `repeats` calls of step(), after one to warm up."""
+    step()
+    times = []
+    for _ in range(repeats):
+        tick = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - tick)
+    return statistics.median(times)
+
+
 def build(kind, s, device):
     if kind.startswith("rnn"):
         return RoaRNN(s["n_in"], s["n_out"], s["N"], 1.0, 0.1, dtype="float32", device=device)
@@ -146,18 +157,9 @@ def bench(name, xp, device, peak):
         state = [a for a in optimizer.state().values() if not numpy.isscalar(a)]
         all_finite(xp, [*model.params.values(), *state])   # as training checks every step (waits for a GPU too)
 
-    def median_step():
-        step()                                              # warm-up
-        times = []
-        for _ in range(repeats):
-            tick = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - tick)
-        return statistics.median(times)
-
-    median = median_step()
+    median = median_time(step, repeats)
     with BusyCore():
-        busy = median_step()
+        busy = median_time(step, repeats)
     tracemalloc.start()                                     # one more step for the memory: tracing
     step()                                                  # slows every allocation, so not timed
     peak_bytes = tracemalloc.get_traced_memory()[1]

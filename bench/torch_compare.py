@@ -14,9 +14,7 @@ same gradients: the script checks that first.
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import numpy
 from threadpoolctl import threadpool_limits
@@ -24,6 +22,7 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from autograd import Adam, softmax_cross_entropy  # noqa: E402
+from bench import median_time  # noqa: E402  (bench/bench.py)
 from roa import RoaRNN  # noqa: E402
 
 
@@ -54,16 +53,6 @@ def torch_step_fn(torch, ours, u, y, lr):
         return {k: v.grad.numpy().copy() for k, v in p.items()}
 
     return step, gradients
-
-
-def median_time(step, repeats):
-    step()
-    times = []
-    for _ in range(repeats):
-        tick = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - tick)
-    return statistics.median(times)
 
 
 def main():

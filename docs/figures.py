@@ -1,12 +1,13 @@
 """docs/figures.py -- the pictures of docs/RESULTS.md, computed by the engine itself.
 
     python -m pip install -r requirements-plots.txt
-    python docs/figures.py                               # figures 1-3 at initialisation
+    python docs/figures.py                               # figures 1-3 at initialisation, into runs/figures/
     python docs/figures.py --trained runs/deep.npz       # figure 3 also after training (a deepmlp checkpoint)
-    python docs/figures.py --curves runs/*.jsonl         # figure 4: learning curves from --metrics logs
-    python docs/figures.py --curves runs/a.jsonl+runs/b.jsonl   # a curriculum: b started from a (--init)
+    python docs/figures.py --curves runs/a.jsonl runs/b.jsonl     # figure 4: learning curves from --metrics logs
+    python docs/figures.py --curves runs/a.jsonl+runs/b.jsonl     # a curriculum: b started from a (--init)
+    python docs/figures.py --out docs/figures ...        # over the figures that docs/RESULTS.md shows
 
-Writes PNG files into docs/figures/:
+Writes PNG files into --out (default runs/figures/, which git ignores):
 1. gradient_vs_depth.png: the norm of dL/dW_l reaching each layer l of a
    deep roaFNN and of the plain MLP of the same depth, at initialisation;
 2. gradient_vs_lag.png: the largest and smallest singular value of
@@ -146,8 +147,15 @@ def read_stages(curve):
     curriculum, each started with --init from the last), one after another."""
     rows = []
     for path in curve.split("+"):
-        with open(path) as f:
-            stage = [json.loads(line) for line in f if line.strip()]
+        try:
+            with open(path) as f:
+                stage = [json.loads(line) for line in f if line.strip()]
+        except OSError as err:
+            sys.exit(f"figures.py: cannot read the log {path!r}: {err.strerror}")
+        except ValueError as err:
+            sys.exit(f"figures.py: {path!r} is not a --metrics log (one JSON report per line): {err}")
+        if not stage:
+            sys.exit(f"figures.py: the log {path!r} is empty: its run made no validation report yet")
         offset = rows[-1]["step"] if rows else 0
         rows += [dict(r, step=r["step"] + offset) for r in stage]
     return rows
@@ -176,8 +184,12 @@ def main():
     p.add_argument("--trained", help="a deepmlp checkpoint for figure 3")
     p.add_argument("--curves", nargs="*", default=[], help="--metrics logs for figure 4; logs joined by + "
                    "are the stages of one curriculum, drawn end to end")
-    p.add_argument("--out", default=os.path.join(HERE, "figures"))
+    p.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "runs", "figures"),
+                   help="folder to write the figures into (default runs/figures; docs/figures holds those "
+                   "that docs/RESULTS.md shows)")
     args = p.parse_args()
+    for curve in args.curves:                              # check every log before the minutes of figures 1-3
+        read_stages(curve)
     plt = pyplot()
     os.makedirs(args.out, exist_ok=True)
     figure_depth(plt, args.depth, os.path.join(args.out, "gradient_vs_depth.png"))
