@@ -1633,3 +1633,16 @@ def test_every_file_the_documents_link_exists_and_none_lies_outside(name):
             assert os.path.exists(path) and path.startswith(ROOT + os.sep), (name, target)
     assert not re.search(r"/tmp/|\.\./|(?<![\w.])/(home|root|work|Users)/", text), name
     assert not re.search(r"\bsessions?\b|\bissue \d", text, re.IGNORECASE), name
+
+
+@pytest.mark.parametrize("content, named", [(None, "cannot read the log"), ("", "is empty"),
+                                            ("not json\n", "is not a --metrics log")])
+def test_figures_say_clearly_when_a_log_is_missing_empty_or_not_a_log(content, named, tmp_path, capsys):
+    sys.path.insert(0, os.path.join(ROOT, "docs"))
+    import figures
+    path = tmp_path / "run.jsonl"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as stop:
+        figures.read_stages(str(path))
+    assert named in str(stop.value) and str(path) in str(stop.value)
