@@ -133,16 +133,21 @@ def activation(name):
 
 # --------------------------------------------------- random orthogonal O
 
-def random_orthogonal(rng, n, count):
+def random_orthogonal(rng, n, count, block=1000):
     """`count` Haar-distributed n x n orthogonal matrices, shape (count, n, n).
 
     Mezzadri (2007): QR-factorise a matrix of i.i.d. standard normals,
     A = QR, and return Q diag(sign(diag(R))). Without the sign correction
     the distribution is not uniform. Drawn on the CPU from the NumPy
-    Generator `rng`, so a seed gives the same matrices on every backend.
+    Generator `rng`, so a seed gives the same matrices on every backend;
+    `block` matrices at a time, which keeps the factorisation's temporaries
+    small and gives the same matrices as drawing them all at once.
     """
-    Q, R = numpy.linalg.qr(rng.standard_normal((count, n, n)))
-    return Q * numpy.sign(numpy.diagonal(R, axis1=1, axis2=2))[:, None, :]
+    O = numpy.empty((count, n, n))
+    for start in range(0, count, block):
+        Q, R = numpy.linalg.qr(rng.standard_normal((min(block, count - start), n, n)))
+        O[start:start + len(Q)] = Q * numpy.sign(numpy.diagonal(R, axis1=1, axis2=2))[:, None, :]
+    return O
 
 
 # ------------------------------------------------- linear layer, dropout

@@ -167,10 +167,10 @@ class RoaFNN(Model):
             check(name, value)
         super().__init__(alpha, beta, activation, dtype, seed, device, dropout)
         N, L = width, depth
-        W_in, W, V = self.gaussian((N, n_in), n_in), self.gaussian((L, N, N), N), self.gaussian((n_out, N), N)
-        self.params = self.to_device({"W_in": W_in, "b_in": numpy.zeros(N), "W": W, "b": numpy.zeros((L, N)),
-                                      "V": V, "c": numpy.zeros(n_out)})
-        self.set_filters(random_orthogonal(self.rng, N, L))
+        self.params = self.to_device({"W_in": self.gaussian((N, n_in), n_in), "b_in": numpy.zeros(N),
+                                      "W": self.gaussian((L, N, N), N), "b": numpy.zeros((L, N)),
+                                      "V": self.gaussian((n_out, N), N), "c": numpy.zeros(n_out)})
+        self.set_filters(random_orthogonal(self.rng, N, L))     # (after the weights: the float64 draft of W is gone)
 
     def kept_bytes(self, u_shape):
         """kept_bytes for inputs of shape u_shape = (B, n_in)."""
@@ -988,7 +988,7 @@ def memory_needed(args, task):
     sizes: the data (a synthetic task's held-out sets, in float64), the parameters
     with their gradients, the best report's copy, Adam's moments, the weight
     average and the filters O; and at its peak the largest of model
-    construction (W and O drawn in float64, O through a QR factorisation),
+    construction (W, then O, drawn in float64 beside their copies),
     a training step (the activations kept for backprop; for the roaRNN also
     the input terms U u_t + b of every step) and a chunk of evaluation.
     Returns (bytes, what the bytes are, in words)."""
@@ -999,7 +999,7 @@ def memory_needed(args, task):
         weights = args.depth * N * N + N * (n_in + task.n_out)
         kept = kept_bytes(args.depth, args.batch, N, args.dtype)
         per_example = (n_in + 5 * N + task.n_out) * item
-        construction = 4 * args.depth * N * N * 8
+        construction = args.depth * N * N * (8 + 2 * item)    # W's float64 draft, then O's, beside their copies
     else:
         T = shape[0]
         weights = N * (N + n_in + task.n_out)

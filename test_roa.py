@@ -393,6 +393,13 @@ def test_random_orthogonal_is_orthogonal(n, count, seed):
         assert numpy.abs(Q @ Q.T - eye).max() < 1e-12
 
 
+def test_random_orthogonal_in_blocks_gives_the_matrices_drawn_at_once():
+    """Drawn a block at a time, the matrices are those of one draw of all the normals."""
+    Q, R = numpy.linalg.qr(numpy.random.default_rng(7).standard_normal((25, 4, 4)))
+    at_once = Q * numpy.sign(numpy.diagonal(R, axis1=1, axis2=2))[:, None, :]
+    assert numpy.array_equal(ag.random_orthogonal(numpy.random.default_rng(7), 4, 25, block=10), at_once)
+
+
 def test_random_orthogonal_is_haar_not_plain_qr():
     """Mezzadri's sign correction: Haar matrices have E[Q_11] = 0; plain QR's
     Q_11 = a_11 / ||a_1|| * sign(r_11) would be biased. Averaged over many draws,

@@ -150,14 +150,18 @@ def bench(name, xp, device, peak):
         y = xp.asarray(rng.standard_normal((s["B"], 1)), dtype=xp.float32)
     optimizer = Adam(1e-4) if optimizer_name == "adam" else SGD(1e-4)
 
+    def finite_check():                                     # as training checks every step (waits for a GPU too)
+        state = [a for a in optimizer.state().values() if not numpy.isscalar(a)]
+        all_finite(xp, [*model.params.values(), *state])
+
     def step():
         z, cache = model.forward(u)
         _, dz = loss_fn(z, y)
         optimizer.step(model.params, model.backward(dz, cache))
-        state = [a for a in optimizer.state().values() if not numpy.isscalar(a)]
-        all_finite(xp, [*model.params.values(), *state])   # as training checks every step (waits for a GPU too)
+        finite_check()
 
     median = median_time(step, repeats)
+    check = median_time(finite_check, repeats)
     with BusyCore():
         busy = median_time(step, repeats)
     tracemalloc.start()                                     # one more step for the memory: tracing
@@ -169,7 +173,8 @@ def bench(name, xp, device, peak):
               f"floor {floor / 1e6:,.0f} MB" if xp is numpy else "peak memory: not traced on the GPU")
     print(f"{name:16s} step {median * 1e3:9.1f} ms (median of {repeats})  {flops / 1e9:7.2f} GFLOP  "
           f"{rate:7.1f} GFLOP/s = {rate / peak:5.1%} of peak  {memory}; with a busy core "
-          f"{busy * 1e3:.1f} ms ({busy / median:.2f}x)", flush=True)
+          f"{busy * 1e3:.1f} ms ({busy / median:.2f}x); of the step, the NaN/Inf check {check * 1e3:.1f} ms",
+          flush=True)
 
 
 def main():
