@@ -363,6 +363,12 @@ def all_finite(xp, arrays):
     return all(bool(xp.isfinite(a).all()) for a in arrays)
 
 
+def trained_state_finite(model, optimizer):
+    """Are the parameters and the optimiser's state arrays all finite?"""
+    state = [a for a in optimizer.state().values() if not numpy.isscalar(a)]
+    return all_finite(model.xp, [*model.params.values(), *state])
+
+
 def train_step(model, task, optimizer, seed, step, batch):
     """One step: input -> forward -> loss -> backward -> update. Returns the
     loss and the norm of the gradient that reached the input layer.
@@ -377,8 +383,7 @@ def train_step(model, task, optimizer, seed, step, batch):
         grads = model.backward(dz, cache)
         input_grad = float(model.xp.linalg.norm(grads[model.input_layer]))
         optimizer.step(model.params, grads)
-        state = [a for a in optimizer.state().values() if not numpy.isscalar(a)]
-    if grads is None or not all_finite(model.xp, [*model.params.values(), *state]):
+    if grads is None or not trained_state_finite(model, optimizer):
         raise RoaError(f"training stopped at step {step}: {non_finite_cause(model, u, loss, grads, optimizer.lr)}; "
                        "the last checkpoint saved, if any, is kept as it was")
     return loss, input_grad

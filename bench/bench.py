@@ -31,7 +31,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from autograd import Adam, SGD, array_module, free_memory, mse_loss, softmax_cross_entropy  # noqa: E402
-from roa import RoaFNN, RoaRNN, all_finite, auto_threads, available_cores, evaluate  # noqa: E402
+from roa import RoaFNN, RoaRNN, auto_threads, available_cores, evaluate, trained_state_finite  # noqa: E402
 from tasks import Task, accuracy  # noqa: E402
 
 CONFIGS = {
@@ -151,8 +151,7 @@ def bench(name, xp, device, peak):
     optimizer = Adam(1e-4) if optimizer_name == "adam" else SGD(1e-4)
 
     def finite_check():                                     # as training checks every step (waits for a GPU too)
-        state = [a for a in optimizer.state().values() if not numpy.isscalar(a)]
-        all_finite(xp, [*model.params.values(), *state])
+        trained_state_finite(model, optimizer)
 
     def step():
         z, cache = model.forward(u)
