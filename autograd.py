@@ -436,16 +436,31 @@ def softmax_cross_entropy(z, labels):
 
 # ----------------------------------------------------------- optimisers
 
+def clip_global_norm(grads, max_norm):
+    """The gradients scaled by one factor so that their global norm
+    sqrt(sum of every squared entry) is at most max_norm (Pascanu et al.
+    2013): a step keeps its direction and loses only its size. max_norm
+    None or 0: the gradients as they are."""
+    if not max_norm:
+        return grads
+    xp = get_array_module(next(iter(grads.values())))
+    norm = float(xp.sqrt(sum(float((g * g).sum()) for g in grads.values())))
+    if norm <= max_norm:
+        return grads
+    return {name: g * (max_norm / norm) for name, g in grads.items()}
+
+
 class SGD:
     """Eqs (8)-(10): W(i) = W(i-1) - mu dL/dW, the gradient being the mean
-    over the mini-batch (the losses above already average)."""
+    over the mini-batch (the losses above already average). With clip > 0
+    the gradients are first clipped to that global norm."""
 
-    def __init__(self, lr):
-        self.lr = lr
+    def __init__(self, lr, clip=0.0):
+        self.lr, self.clip = lr, clip
 
     def step(self, params, grads):
-        """Update every parameter in place by its gradient."""
-        for name, grad in grads.items():
+        """Update every parameter in place by its (clipped) gradient."""
+        for name, grad in clip_global_norm(grads, self.clip).items():
             params[name] += -self.lr * grad                # eqs (8)-(9): W(i) = W(i-1) + dW, dW = -mu dL/dW
 
     def state(self):
@@ -459,17 +474,18 @@ class Adam:
     """Adam (Kingma & Ba 2015) on the same averaged gradient as SGD.
     `b1`, `b2` are Adam's decay rates (not the roa beta). With weight_decay
     lambda > 0 every parameter also shrinks by the factor 1 - lr lambda each
-    step, apart from the gradient (AdamW, Loshchilov & Hutter 2019)."""
+    step, apart from the gradient (AdamW, Loshchilov & Hutter 2019). With
+    clip > 0 the gradients are first clipped to that global norm."""
 
-    def __init__(self, lr, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8):
-        self.lr, self.weight_decay, self.b1, self.b2, self.eps = lr, weight_decay, b1, b2, eps
+    def __init__(self, lr, weight_decay=0.0, clip=0.0, b1=0.9, b2=0.999, eps=1e-8):
+        self.lr, self.weight_decay, self.clip, self.b1, self.b2, self.eps = lr, weight_decay, clip, b1, b2, eps
         self.t = 0
         self.m, self.v = {}, {}
 
     def step(self, params, grads):
         self.t += 1
         xp = get_array_module(next(iter(grads.values())))
-        for name, grad in grads.items():
+        for name, grad in clip_global_norm(grads, self.clip).items():
             if name not in self.m:
                 self.m[name] = xp.zeros_like(grad)
                 self.v[name] = xp.zeros_like(grad)

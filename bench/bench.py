@@ -31,7 +31,8 @@ from threadpoolctl import threadpool_info, threadpool_limits
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from autograd import Adam, SGD, array_module, free_memory, mse_loss, softmax_cross_entropy  # noqa: E402
-from roa import RoaFNN, RoaRNN, auto_threads, available_cores, evaluate, trained_state_finite  # noqa: E402
+from machinery import auto_threads, available_cores, trained_state_finite  # noqa: E402
+from roa import RoaFNN, RoaRNN, evaluate  # noqa: E402
 from tasks import Task, accuracy  # noqa: E402
 
 CONFIGS = {

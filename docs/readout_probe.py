@@ -19,8 +19,8 @@ import numpy
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import roa  # noqa: E402
 from autograd import RoaError, rnn_inference  # noqa: E402
+from roa import load_model  # noqa: E402
 from tasks import COPY_SYMBOLS, Copy  # noqa: E402
 
 
@@ -31,20 +31,18 @@ def main(argv=None):
     p.add_argument("--sequences", type=int, default=1024)
     args = p.parse_args(argv)
     try:
-        config, step, params, _, filters, _ = roa.load_checkpoint(args.checkpoint)
+        model, config = load_model(args.checkpoint)
         if config["task"] != "copy":
             raise RoaError(f"{args.checkpoint!r} is a {config['task']} checkpoint, not copy")
-        model = roa.RoaRNN(Copy.n_in, Copy.n_out, config["hidden"], config["alpha"], config["beta"],
-                           config["activation"], "every", "float32", config["seed"])
-        roa.restore(model, args.checkpoint, params, filters)
     except RoaError as err:
-        sys.exit(f"readout_probe.py: error: {err}")
+        print(f"readout_probe.py: error: {err}", file=sys.stderr)
+        return 2
     u, y = Copy(args.length).train_batch(seed=123, step=0, B=args.sequences)
-    h0 = numpy.zeros((args.sequences, config["hidden"]), numpy.float32)
-    hs = rnn_inference(u.astype(numpy.float32), h0, model.params["W"], model.O, model.params["U"],
+    h0 = numpy.zeros((args.sequences, config["hidden"]), model.dtype)
+    hs = rnn_inference(u.astype(model.dtype), h0, model.params["W"], model.O, model.params["U"],
                        model.params["b"], model.alpha, model.beta, model.act, all_states=True)
     fit = 3 * args.sequences // 4
-    print(f"{args.checkpoint} (step {step}, trained at T = {config['length']}) at T = {args.length}: "
+    print(f"{args.checkpoint} (trained at T = {config['length']}) at T = {args.length}: "
           f"mean |h| at the end {numpy.linalg.norm(hs[-1], axis=1).mean():.1f}")
     for k in range(COPY_SYMBOLS):
         X = numpy.c_[hs[-COPY_SYMBOLS + k], numpy.ones(args.sequences)]
@@ -52,7 +50,8 @@ def main(argv=None):
         readout = numpy.linalg.lstsq(X[:fit], numpy.eye(Copy.n_out)[labels[:fit]], rcond=None)[0]
         accuracy = (numpy.argmax(X[fit:] @ readout, axis=1) == labels[fit:]).mean()
         print(f"  recalled symbol {k + 1}: a new linear readout scores {accuracy:.3f} on held-out sequences")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

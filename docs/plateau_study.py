@@ -1,0 +1,117 @@
+"""docs/plateau_study.py -- what gets a roaRNN off the adding problem's plateau?
+
+    python docs/plateau_study.py                     # run every lever (resumable), then print the table
+    python docs/plateau_study.py --only base --only clip1 --lengths 200
+    python docs/plateau_study.py --table             # print the table of the logs at hand, run nothing
+
+Each lever is a set of flags added to one short roaRNN run of the adding
+problem (alpha 1, N 64, the adding preset otherwise), run at each length on
+seeds 0-4, two runs at a time at one BLAS thread each. A run's validation
+MSE reports go to runs/study/LEVER-T.LENGTH-seed.SEED.jsonl (a finished log
+is not run again). A seed has *escaped* the plateau (0.167, the loss of
+always answering 1) at the first report whose validation MSE is below
+ESCAPE; the table gives, per lever and length, the seeds escaped, the
+median escape step of those seeds, and the median of every seed's best
+validation MSE. Validation only: no test score is looked at here.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+ESCAPE = 0.05           # a validation MSE below this has left the plateau (0.167) for good
+SEEDS = range(5)
+STEPS, EVERY = 4000, 100
+
+LEVERS = {      # name: (what it changes, the flags added to the base run at length T)
+    "base": ("alpha 1, beta 0.1, Adam lr 2e-3, batch 64", lambda T: []),
+    "beta-T": ("beta 10 / T", lambda T: ["--beta", f"{10 / T:.4g}"]),
+    "beta-sqrtT": ("beta 0.7 / sqrt(T)", lambda T: ["--beta", f"{0.7 / T ** 0.5:.4g}"]),
+    "lr1e-3": ("Adam lr 1e-3", lambda T: ["--lr", "1e-3"]),
+    "lr5e-3": ("Adam lr 5e-3", lambda T: ["--lr", "5e-3"]),
+    "batch256": ("batch 256", lambda T: ["--batch", "256"]),
+    "clip1": ("gradients clipped to global norm 1", lambda T: ["--clip", "1"]),
+}
+
+
+def log_path(lever, T, seed):
+    return os.path.join(ROOT, "runs", "study", f"{lever}-T{T}-seed{seed}.jsonl")
+
+
+def command(lever, T, seed):
+    """The roa.py command of one run of the study."""
+    return [sys.executable, os.path.join(ROOT, "roa.py"), "--task", "adding", "--length", str(T),
+            "--alpha", "1", "--steps", str(STEPS), "--eval-every", str(EVERY), "--seed", str(seed),
+            "--threads", "1", "--quiet", "--metrics", log_path(lever, T, seed), *LEVERS[lever][1](T)]
+
+
+def reports(path):
+    """The validation reports of a log, [] if there is none."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def finished(path):
+    r = reports(path)
+    return bool(r) and r[-1]["step"] == STEPS
+
+
+def run_one(args):
+    lever, T, seed = args
+    path = log_path(lever, T, seed)
+    if finished(path):
+        return
+    if os.path.exists(path):
+        os.remove(path)                 # a log cut short: run it again from the start
+    done = subprocess.run(command(lever, T, seed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    best = min((r["val_metric"] for r in reports(path)), default=None)      # (the test line is not looked at)
+    print(f"{lever} T={T} seed {seed}: exit {done.returncode}, best val MSE {best} {done.stderr.strip()}", flush=True)
+
+
+def table(levers, lengths):
+    print(f"| lever | T | escaped | median escape step | median best val MSE |")
+    print(f"| --- | --- | --- | --- | --- |")
+    for lever in levers:
+        for T in lengths:
+            escapes, bests, runs = [], [], 0
+            for seed in SEEDS:
+                r = reports(log_path(lever, T, seed))
+                if not r or r[-1]["step"] != STEPS:
+                    continue
+                runs += 1
+                bests.append(min(x["val_metric"] for x in r))
+                below = [x["step"] for x in r if x["val_metric"] < ESCAPE]
+                if below:
+                    escapes.append(below[0])
+            if runs:
+                median = f"{statistics.median(escapes):,.0f}" if escapes else "-"
+                print(f"| {lever}: {LEVERS[lever][0]} | {T} | {len(escapes)} / {runs} | {median} | "
+                      f"{statistics.median(bests):.4f} |")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", action="append", choices=sorted(LEVERS), help="run these levers only")
+    p.add_argument("--lengths", type=int, nargs="+", default=[200, 500])
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
+    p.add_argument("--table", action="store_true", help="print the table of the logs at hand, run nothing")
+    args = p.parse_args(argv)
+    levers = args.only or list(LEVERS)
+    os.makedirs(os.path.join(ROOT, "runs", "study"), exist_ok=True)
+    if not args.table:
+        jobs = [(lever, T, seed) for T in args.lengths for lever in levers for seed in SEEDS]
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(run_one, jobs))
+    table(levers, args.lengths)
+
+
+if __name__ == "__main__":
+    main()
