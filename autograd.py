@@ -110,7 +110,12 @@ def relu_prime(phi_y):
 
 
 def sigmoid(y):
-    return 0.5 * (1 + get_array_module(y).tanh(0.5 * y))   # = 1 / (1 + e^-y), and cannot overflow
+    """1 / (1 + e^-y), to full relative accuracy on both sides and with no
+    overflow: with e = e^-|y| <= 1, it is 1 / (1 + e) for y >= 0 and
+    e / (1 + e) = 1 / (1 + e^-y) for y < 0."""
+    xp = get_array_module(y)
+    e = xp.exp(-xp.abs(y))
+    return xp.where(y >= 0, 1, e) / (1 + e)
 
 
 def sigmoid_prime(phi_y):
@@ -202,6 +207,7 @@ def roa_step_forward(x, W, O, b, alpha, beta, act):
     roaRNN time step, (B, N), the input term U u_t + b. alpha, beta: floats.
     Returns x_next (B, N) and the cache for roa_step_backward.
     """
+    alpha, beta = float(alpha), float(beta)       # (a NumPy float64 would make float32 arrays float64)
     y = x @ W.T + b                               # eq (1): y_l = W_l x_l + b_l
     phi_y = act.phi(y)                            # eq (2): phi(y_l)
     d = act.phi_prime(phi_y)                      # eq (4): d_l = phi'(y_l)
@@ -278,6 +284,7 @@ def roa_inference(x, W, O, b, alpha, beta, act):
     """roa_forward without the cache, for evaluation: the same operations in
     the same order (so the same numbers, bit for bit), but keeping only the
     current x_l, so that memory does not grow with the depth."""
+    alpha, beta = float(alpha), float(beta)
     for l in range(W.shape[0]):
         x = alpha * (x @ O[l].T) + beta * act.phi(x @ W[l].T + b[l])     # (roa), eqs (1)-(2)
     return x
@@ -296,13 +303,14 @@ def roa_jacobian(x, W, O, b, alpha, beta, act):
 
 # ---------------------------------------------- the roaRNN: T time steps
 
-def rnn_step_forward(h_prev, input_term, W, O, alpha, beta, act):
+def rnn_step_forward(h_prev, W, O, input_term, alpha, beta, act):
     """One roaRNN time step (MATH.md section 3):
 
-        h_t = alpha O h_{t-1} + beta phi(a_t),   a_t = W h_{t-1} + U u_t + b
+        h_t = alpha O h_{t-1} + beta phi(y_t),   y_t = W h_{t-1} + U u_t + b
 
-    h_prev: (B, N), h_{t-1}; input_term: (B, N), U u_t + b. This is the roa
-    layer with the bias b_l replaced by U u_t + b, so it is roa_step_forward.
+    h_prev: (B, N), h_{t-1}; W, O: (N, N); input_term: (B, N), U u_t + b.
+    This is the roa layer with the bias b_l replaced by U u_t + b, so it is
+    roa_step_forward, with the arguments in the same order.
     Returns h_t (B, N) and the cache for rnn_step_backward.
     """
     return roa_step_forward(h_prev, W, O, input_term, alpha, beta, act)
@@ -310,8 +318,8 @@ def rnn_step_forward(h_prev, input_term, W, O, alpha, beta, act):
 
 def rnn_step_backward(g, cache):
     """Backpropagation through one time step. g: (B, N), the total gradient
-    g_t = dL/dh_t. Returns dL/dh_{t-1} from this step, alpha O^T g_t + W^T dz_t,
-    and dz_t = dL/da_t = beta g_t * phi'(a_t), both (B, N)."""
+    g_t = dL/dh_t. Returns dL/dh_{t-1} from this step, alpha O^T g_t + W^T dy_t,
+    and dy_t = dL/dy_t = beta g_t * phi'(y_t), both (B, N)."""
     return roa_step_backward(g, cache)
 
 
@@ -334,7 +342,7 @@ def rnn_forward(u, h0, W, O, U, b, alpha, beta, act):
     hs[0] = h0
     steps = []
     for t in range(1, T + 1):
-        h, step = rnn_step_forward(hs[t - 1], input_terms[t - 1], W, O, alpha, beta, act)
+        h, step = rnn_step_forward(hs[t - 1], W, O, input_terms[t - 1], alpha, beta, act)
         hs[t] = h
         steps.append(step)
     return hs[1:], (u, hs, steps)
@@ -348,24 +356,24 @@ def rnn_backward(dhs, cache):
     for a readout at every step). The loop runs t = T .. 1, carrying g_t, the
     total gradient reaching h_t: what step t+1 sends back, plus the loss's own
     gradient at h_t. The weight gradients are then one matrix product each
-    over all (t, batch) pairs: they need nothing from the loop but dz_t, h_{t-1}
+    over all (t, batch) pairs: they need nothing from the loop but dy_t, h_{t-1}
     and u_t, and one large product costs far less than T small ones.
     Returns dL/dh_0 (B, N), dL/dW (N, N), dL/dU (N, n_in), dL/db (N,).
     """
     u, hs, steps = cache                              # (a cache serves one backward pass)
     xp = get_array_module(dhs)
     T, (B, N) = len(steps), dhs.shape[1:]
-    first_read = T - dhs.shape[0]                     # the loss reads h_t for t > first_read
-    dzs = xp.empty((T, B, N), dhs.dtype)              # dz_t = dL/da_t, in dzs[t-1]
+    unread = T - dhs.shape[0]                         # the loss reads h_t only for t > unread ...
+    dys = xp.empty((T, B, N), dhs.dtype)              # dy_t = dL/dy_t, in dys[t-1]
     g = xp.zeros((B, N), dhs.dtype)                   # g_{T+1}: nothing comes from after h_T
     for t in range(T, 0, -1):
-        if t > first_read:
-            g = g + dhs[t - 1 - first_read]           # the loss's own gradient at h_t
-        g, dzs[t - 1] = rnn_step_backward(g, steps.pop())     # step t's cache, freed once used
-    dz_rows = dzs.reshape(T * B, N)
-    dW = dz_rows.T @ hs[:T].reshape(T * B, N)         # sum_t dz_t h_{t-1}^T
-    dU = dz_rows.T @ u.reshape(T * B, -1)             # sum_t dz_t u_t^T
-    db = dz_rows.sum(axis=0)                          # sum_t dz_t
+        if t > unread:
+            g = g + dhs[t - 1 - unread]               # ... and dhs[t-1-unread] is its gradient at h_t
+        g, dys[t - 1] = rnn_step_backward(g, steps.pop())     # step t's cache, freed once used
+    dy_rows = dys.reshape(T * B, N)                   # row t*B + i: dy_{t+1} of sample i
+    dW = dy_rows.T @ hs[:T].reshape(T * B, N)         # sum_t dy_t h_{t-1}^T  (hs[t-1] is h_{t-1})
+    dU = dy_rows.T @ u.reshape(T * B, -1)             # sum_t dy_t u_t^T      (u[t-1] is u_t)
+    db = dy_rows.sum(axis=0)                          # sum_t dy_t
     return g, dW, dU, db
 
 
@@ -375,6 +383,7 @@ def rnn_inference(u, h0, W, O, U, b, alpha, beta, act, all_states=False):
     state -- or, with all_states (a readout at every step), every h_t but
     nothing else. Returns h_T (B, N), or h_1 .. h_T (T, B, N)."""
     xp = get_array_module(u)
+    alpha, beta = float(alpha), float(beta)
     input_terms, _ = linear_forward(u, U, b)
     hs = xp.empty(input_terms.shape, u.dtype) if all_states else None
     h = h0

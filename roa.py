@@ -22,7 +22,7 @@ import numpy
 from autograd import (SGD, Adam, RoaError, activation, array_module, dropout_backward, dropout_forward,
                       get_array_module, linear_backward, linear_forward, random_orthogonal, rnn_backward,
                       rnn_forward, rnn_inference, roa_backward, roa_forward, roa_inference)
-from machinery import (ARCHITECTURE_FLAGS, DEFAULT_DATA_DIR, EVAL_BYTES, PLAN_FLAGS, TRAINING_FLAGS,
+from machinery import (ARCHITECTURE_FLAGS, DEFAULT_DATA_DIR, EVAL_BYTES, exclusive, same_file, PLAN_FLAGS, TRAINING_FLAGS,
                        StopNow, Stopped, StopSignals, check, check_flags, check_memory, check_task_flags, clock,
                        continue_progress, fill_defaults, filter_fingerprint, kept_bytes, load_checkpoint,
                        non_finite_cause, parse_args, planned_steps, prepare_output, restore, resume_plan,
@@ -413,7 +413,8 @@ def train(model, task, optimizer, plan, progress, log=say, save=None, record=Non
                 save(progress)
             if stop.signum:
                 raise Stopped(stop.signum, step)
-    return (*evaluate_params(model, progress.best_params, task, task.test), progress.best_step)
+    chosen = progress.best_params or model.params       # (a checkpoint from before reports were kept: the last)
+    return (*evaluate_params(model, chosen, task, task.test), progress.best_step or progress.step)
 
 
 # -------------------------------------------------------- command line
@@ -482,7 +483,7 @@ def run(args, log=say):
         raise RoaError(f"--weight-decay {args.weight_decay} is Adam's (AdamW); with --optimizer sgd leave it out")
     for flag, path in (("--save", args.save), ("--metrics", args.metrics)):
         if path:
-            prepare_output(flag, path, log)
+            prepare_output(flag, path, log, replace=args.overwrite or same_file(path, args.resume))
     task = make_task(args, log)
     steps = planned_steps(args, task, saved)
     args.eval_every = args.eval_every or max(1, steps // 20)
@@ -497,25 +498,40 @@ def run(args, log=say):
         restore(model, source, checkpoint.params, checkpoint.filters)
     if args.resume:
         continue_progress(model, optimizer, progress, checkpoint, args.resume)
-        if progress.step >= steps:
-            raise RoaError(f"{args.resume!r} has finished its run at step {progress.step}; "
-                           "ask for a longer one with --steps or --epochs")
-        log(f"roa: resuming {args.resume} at step {progress.step}")
+        log(f"roa: {args.resume} finished its run at step {progress.step}: scoring it on the test set "
+            "(a longer run: --steps or --epochs)" if progress.step >= steps
+            else f"roa: resuming {args.resume} at step {progress.step}")
     elif args.init:
         log(f"roa: starting from the parameters of {args.init} (its step {checkpoint.step}), a fresh optimiser")
     plan = Plan(steps, args.batch, args.seed, args.eval_every, args.lr, args.schedule, args.save_every or 0)
     config = {name: getattr(args, name) for name in TRAINING_FLAGS + PLAN_FLAGS}
     config["steps"] = steps
-    save = args.save and (lambda progress: save_checkpoint(args.save, model, optimizer, config, progress))
+    unsaved = []                                        # the last save's error, where every place failed
+
+    def save(progress):
+        try:
+            written = save_checkpoint(args.save, model, optimizer, config, progress)
+        except RoaError as err:
+            if progress.step < steps:
+                raise
+            unsaved.append(err)                         # a finished run: its test result is computed first
+            return
+        if written != args.save:                        # from now on the run saves there
+            say(f"roa: could not write {args.save}; the checkpoint of step {progress.step} is at {written}, "
+                "and the run's later checkpoints will be too")
+            args.save = written
     log(describe(args, task, steps) + f" | {threads} BLAS thread{'s' * (threads > 1)}")
-    with metrics_log(args.metrics) as record:
-        test_loss, test_metric, best_step = train(model, task, optimizer, plan, progress, log, save, record)
+    with exclusive(args.save), metrics_log(args.metrics, progress.step if args.resume else None) as record:
+        test_loss, test_metric, best_step = train(model, task, optimizer, plan, progress, log,
+                                                  args.save and save, record)
     epochs = steps / task.steps_per_epoch(args.batch) if isinstance(task, MNIST) else None
     verdict = "SOLVED" if task.solved(test_metric, epochs) else "not solved"
     say(f"roa: {task.name}: test {task.metric_name} {test_metric:.4f}, test loss {test_loss:.4f} "
         f"(baseline {task.baseline:.3f}; parameters of step {best_step}, the best on validation) "
         f"-> {verdict} ({task.criterion(epochs)}); "
-        f"wall time {clock(time.time() - wall)}" + (f"; saved {args.save}" if args.save else ""))
+        f"wall time {clock(time.time() - wall)}" + (f"; saved {args.save}" if args.save and not unsaved else ""))
+    if unsaved:
+        raise unsaved[0]
     return test_loss, test_metric
 
 

@@ -156,10 +156,10 @@ def reference_rnn(p, O, alpha, beta, act_name, every, u, dz):
     """The roaRNN's scores and gradients by BPTT straight from MATH.md
     section 3: alpha explicit, lists of arrays, nothing in place."""
     T, B, N = u.shape[0], u.shape[1], len(p["b"])
-    hs, a = [numpy.zeros((B, N))], []                                    # h_0 = 0
-    for t in range(T):                                                   # a[t] = a_{t+1}, hs[t] = h_t
-        a.append(hs[t] @ p["W"].T + u[t] @ p["U"].T + p["b"])
-        hs.append(alpha * hs[t] @ O.T + beta * phi_of(act_name, a[t]))
+    hs, y = [numpy.zeros((B, N))], []                                    # h_0 = 0
+    for t in range(T):                                                   # y[t] = y_{t+1}, hs[t] = h_t
+        y.append(hs[t] @ p["W"].T + u[t] @ p["U"].T + p["b"])
+        hs.append(alpha * hs[t] @ O.T + beta * phi_of(act_name, y[t]))
     read = numpy.array(hs[1:]) if every else hs[T]
     z = read @ p["V"].T + p["c"]
     K = dz.shape[-1]
@@ -169,11 +169,11 @@ def reference_rnn(p, O, alpha, beta, act_name, every, u, dz):
     g = numpy.zeros((B, N))
     for t in reversed(range(T)):                                         # g: the total dL/dh_{t+1}
         g = g + (dread[t] if every else dread if t == T - 1 else 0)
-        dz_t = beta * g * phi_prime(act_name, a[t])
-        grads["W"] = grads["W"] + dz_t.T @ hs[t]
-        grads["U"] = grads["U"] + dz_t.T @ u[t]
-        grads["b"] = grads["b"] + dz_t.sum(axis=0)
-        g = alpha * g @ O + dz_t @ p["W"]
+        dy_t = beta * g * phi_prime(act_name, y[t])
+        grads["W"] = grads["W"] + dy_t.T @ hs[t]
+        grads["U"] = grads["U"] + dy_t.T @ u[t]
+        grads["b"] = grads["b"] + dy_t.sum(axis=0)
+        g = alpha * g @ O + dy_t @ p["W"]
     return z, grads
 
 
@@ -275,6 +275,40 @@ def test_activations_and_derivatives_equal_their_definitions(name, values):
     assert numpy.allclose(act.phi_prime(act.phi(y)), phi_prime(name, y), rtol=0, atol=1e-14)
     grid = numpy.linspace(-10, 10, 20001)
     assert phi_prime(name, grid).max() == pytest.approx(act.gamma, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_sigmoid_keeps_its_relative_accuracy_far_out_on_both_sides(dtype):
+    """sigmoid(y) = 1 / (1 + e^-y) to a few ulps of its dtype for y in
+    [-80, 80] (float32: [-80, 80] too, down to 1.8e-35 without underflow),
+    where 0.5 (1 + tanh(y/2)) loses everything below y = -20 (float32) or
+    -38 (float64); far out it is 0 or 1, never NaN."""
+    y = numpy.linspace(-80, 80, 1601).astype(dtype)
+    exact = numpy.array([1 / (1 + math.exp(-float(v))) for v in y])      # Python floats: no cancellation
+    got = ag.sigmoid(y)
+    assert got.dtype == dtype
+    assert numpy.all(numpy.abs(got - exact) <= 4 * numpy.finfo(dtype).eps * exact)
+    assert ag.sigmoid(numpy.array([-36.0]))[0] == pytest.approx(2.319522830243569e-16, rel=1e-14)
+    far = ag.sigmoid(numpy.array([-1e4, 1e4], dtype=dtype))
+    assert far[0] == 0 and far[1] == 1
+
+
+def test_float32_stays_float32_with_numpy_scalars_for_alpha_and_beta():
+    """alpha and beta given as NumPy float64 scalars (as read from a file)
+    leave every forward, inference and backward output in float32."""
+    rng = numpy.random.default_rng(0)
+    f32 = lambda *shape: rng.standard_normal(shape).astype(numpy.float32)
+    alpha, beta, act = numpy.float64(0.9), numpy.float64(0.1), ag.ACTIVATIONS["tanh"]
+    x, W, O, b = f32(3, 4), f32(2, 4, 4), f32(2, 4, 4), f32(2, 4)
+    out, cache = ag.roa_forward(x, W, O, b, alpha, beta, act)
+    delta, dW, db = ag.roa_backward(out, cache)
+    u, Wr, Or, U, br = f32(5, 3, 2), f32(4, 4), f32(4, 4), f32(4, 2), f32(4)
+    hs, rnn_cache = ag.rnn_forward(u, numpy.zeros((3, 4), numpy.float32), Wr, Or, U, br, alpha, beta, act)
+    rnn_grads = ag.rnn_backward(hs, rnn_cache)
+    inferred = [ag.roa_inference(x, W, O, b, alpha, beta, act),
+                ag.rnn_inference(u, numpy.zeros((3, 4), numpy.float32), Wr, Or, U, br, alpha, beta, act)]
+    for a in [out, delta, dW, db, hs, *rnn_grads, *inferred]:
+        assert a.dtype == numpy.float32
 
 
 @given(st.floats(1e-4, 1.0), seeds)
@@ -681,7 +715,7 @@ def rnn_cases(draw, device="cpu"):
 
 
 def rnn_preactivations_clear_of_kink(model, u):
-    """Every a_t = W h_{t-1} + U u_t + b is at least 1e-3 away from 0."""
+    """Every y_t = W h_{t-1} + U u_t + b is at least 1e-3 away from 0."""
     p = model.params
     h0 = numpy.zeros((u.shape[1], p["W"].shape[0]))
     hs, _ = ag.rnn_forward(u, h0, p["W"], model.O, p["U"], p["b"], model.alpha, model.beta, model.act)

@@ -6,6 +6,7 @@ Run: python -m pytest -q test_roa.py test_run.py   (CI=true selects the reproduc
 The math's properties are tested in test_roa.py.
 """
 
+import contextlib
 import io
 import json
 import os
@@ -46,6 +47,10 @@ def test_short_adding_run_beats_the_baseline():
     (["--task", "adding", "--beta", "0"], "0"), (["--task", "adding", "--hidden", "0"], "0"),
     (["--task", "adding", "--lr", "abc"], "abc"), (["--task", "adding", "--length", "1"], "1"),
     (["--task", "adding", "--batch", "-3"], "-3"), (["--task", "copy", "--steps", "2.5"], "2.5"),
+    (["--task", "adding", "--threads", "100000"], "100000"),
+    (["--task", "adding", "--threads", "99999999999999999999"], "99999999999999999999"),
+    (["--task", "adding", "--clip", "-1"], "-1"),
+    (["--task", "adding", "--save", "x", "--metrics", "./x"], "'x'"),
 ])
 def test_bad_flags_exit_with_a_message_naming_the_value(flags, named, capsys):
     with pytest.raises(SystemExit) as info:
@@ -379,11 +384,33 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypat
         raise OSError("simulated crash before the rename")
 
     monkeypatch.setattr(machinery.os, "replace", crash)
-    code, err, _ = run_cli(TINY + ["--resume", str(path), "--save", str(path), "--quiet"], capsys)
-    assert code == 2 and "could not save" in err
+    code, err, out = run_cli(TINY + ["--resume", str(path), "--save", str(path), "--quiet"], capsys)
+    assert code == 2 and "could not save" in err and err.count("\n") == 1
+    assert "test MSE" in out                                          # the finished run's result, still
     assert path.read_bytes() == before
     assert [f.name for f in tmp_path.iterdir()] == ["run.npz"]        # no temporary file left behind
     assert saved_params(path)[0] == 4
+
+
+def test_a_checkpoint_that_cannot_go_to_its_path_goes_beside_it(tmp_path, monkeypatch, capsys):
+    """A save whose target cannot be written (here: the rename onto it fails)
+    lands beside it, says where in one line, and the run ends normally,
+    its later checkpoints going there too."""
+    path = tmp_path / "run.npz"
+    replace = os.replace
+
+    def refuse_the_target(src, dst):
+        if dst == str(path):
+            raise OSError("simulated: file too large")
+        return replace(src, dst)
+
+    monkeypatch.setattr(machinery.os, "replace", refuse_the_target)
+    code, err, out = run_cli(TINY + ["--save", str(path), "--save-every", "4"], capsys)
+    rescued = tmp_path / f"run.npz.rescued-{os.getpid()}.npz"
+    assert code == 0 and not path.exists() and rescued.exists()
+    assert out.count(f"could not write {path}") == 1 and f"is at {rescued}" in out
+    assert f"saved {rescued}" in out and "test MSE" in out
+    assert machinery.load_checkpoint(str(rescued)).step == 10
 
 
 def signal_at(monkeypatch, steps, signum=signal.SIGTERM):
@@ -468,8 +495,10 @@ def test_a_resume_continues_the_saved_plan_and_may_only_extend_it(tmp_path, monk
     code, _, out = run_cli(["--resume", path], capsys)
     assert code == 0 and "resuming" in out and "step 8/8" in out and "step 6/8" in out
     assert saved_params(path)[0] == 8 and machinery.load_checkpoint(path).config["hidden"] == 4
-    code, err, _ = run_cli(["--resume", path], capsys)
-    assert code == 2 and "finished its run at step 8" in err
+    before = open(path, "rb").read()
+    code, _, again = run_cli(["--resume", path], capsys)           # a finished run: its test result, again
+    assert code == 0 and "finished its run at step 8" in again and "step 8/8" not in again
+    assert final_line(again) == final_line(out) and open(path, "rb").read() == before
     code, _, out = run_cli(["--resume", path, "--steps", "10", "--quiet"], capsys)
     assert code == 0 and saved_params(path)[0] == 10
     cosine = str(tmp_path / "cosine.npz")
@@ -540,7 +569,8 @@ def test_output_paths_are_checked_before_any_work(tmp_path, capsys):
                               ("--save", "/dev/null", "not a regular file"),
                               ("--metrics", "/dev/null", "not a regular file"),
                               ("--save", "/proc/roa.npz", "cannot write"),
-                              ("--save", "/proc/roa/run.npz", "cannot create its folder")]:
+                              ("--save", "/proc/roa/run.npz", "cannot create its folder"),
+                              ("--save", tmp_path / ("a" * 245 + ".npz"), "cannot write")]:   # (its temporary file's name is too long)
         code, err, out = run_cli(TINY + [flag, str(path)], capsys)
         assert code == 2 and named in err and str(path) in err and "step" not in out, (flag, path, err)
 
@@ -567,21 +597,46 @@ def test_a_save_flushes_the_file_and_its_folder_to_disk(tmp_path, monkeypatch):
     assert [mode & 0o170000 for mode in flushed] == [0o100000, 0o040000]      # a regular file, then a folder
 
 
-def test_two_runs_saving_to_one_path_both_finish_and_it_always_loads(tmp_path):
-    """Two processes checkpoint every step into the same PATH while this one
-    reads it: every read finds one whole checkpoint."""
-    path = str(tmp_path / "shared.npz")
-    command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "roa.py"), *TINY[:-2],
-               "--steps", "150", "--save", path, "--save-every", "1", "--quiet"]
-    runs = [subprocess.Popen(command + ["--seed", str(seed)], stderr=subprocess.PIPE) for seed in (1, 2)]
+def test_a_second_run_saving_to_the_same_path_is_refused_while_the_first_runs(tmp_path):
+    """One run at a time may save to a PATH (an exclusive lock): a second
+    is refused in one line, before any work, and the first finishes; while
+    it saves every step, every read of PATH finds one whole checkpoint.
+    Temporary files that a killed writer left are removed by the next run."""
+    path = tmp_path / "shared.npz"
+    (tmp_path / "shared.npz.abcd1234.tmp").write_bytes(b"left by a killed run")
+    command = [sys.executable, os.path.join(ROOT, "roa.py"), *TINY[:-2], "--steps", "400", "--save", str(path),
+               "--save-every", "1", "--quiet"]
+    first = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    while not path.exists():
+        assert first.poll() is None
+    second = subprocess.run(command + ["--overwrite"], capture_output=True, text=True)
+    assert second.returncode == 2 and "another run is saving" in second.stderr and second.stderr.count("\n") == 1
     reads = 0
-    while any(run.poll() is None for run in runs):
-        if os.path.exists(path):
-            assert machinery.load_checkpoint(path).step >= 1
+    while first.poll() is None:
+        with contextlib.suppress(FileNotFoundError):
+            assert machinery.load_checkpoint(str(path)).step >= 1
             reads += 1
-    assert [run.wait() for run in runs] == [0, 0], [run.stderr.read() for run in runs]
-    assert reads > 0 and machinery.load_checkpoint(path).step == 150
-    assert sorted(f.name for f in tmp_path.iterdir()) == ["shared.npz"]
+    assert first.wait() == 0, first.stderr.read()
+    assert reads > 0 and machinery.load_checkpoint(str(path)).step == 400
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["shared.npz"]           # no lock, no temporary file
+
+
+def test_save_never_replaces_an_earlier_run_or_another_file_unasked(tmp_path, capsys):
+    """--save onto the checkpoint of an earlier run, or onto a file that is
+    no checkpoint, is refused before any work, unless --overwrite; the
+    resume of a checkpoint saves into it."""
+    path, other = tmp_path / "run.npz", tmp_path / "notes.txt"
+    assert roa.main(TINY + ["--save", str(path), "--quiet"]) == 0
+    before = path.read_bytes()
+    other.write_text("my notes")
+    capsys.readouterr()
+    for target, named in ((path, "--resume"), (other, "not a roa checkpoint")):
+        code, err, out = run_cli(TINY + ["--save", str(target)], capsys)
+        assert code == 2 and named in err and "step" not in out
+    assert path.read_bytes() == before and other.read_text() == "my notes"
+    assert roa.main(TINY + ["--save", str(path), "--overwrite", "--seed", "1", "--quiet"]) == 0
+    assert path.read_bytes() != before
+    assert roa.main(["--resume", str(path), "--steps", "12", "--quiet"]) == 0
 
 
 def test_sigterm_to_a_real_run_saves_and_the_resume_ends_as_the_whole_run(tmp_path):
@@ -606,6 +661,20 @@ def test_sigterm_to_a_real_run_saves_and_the_resume_ends_as_the_whole_run(tmp_pa
     assert final_line(resumed.stdout).replace(stopped, whole) == final_line(uninterrupted.stdout)
     one, two = machinery.load_checkpoint(whole), machinery.load_checkpoint(stopped)
     assert all(numpy.array_equal(one.params[k], two.params[k]) for k in one.params)
+
+
+def test_a_run_under_nohup_ignores_sighup_and_finishes(tmp_path):
+    """A run started with SIGHUP ignored (nohup, a dropped ssh session) keeps
+    it ignored: SIGHUP mid-run changes nothing, the run ends with exit 0."""
+    script = os.path.join(ROOT, "roa.py")
+    flags = [*TINY[:-2], "--steps", "3000", "--eval-every", "100"]
+    run = subprocess.Popen([sys.executable, script, *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    assert run.stdout.readline().startswith("roa: adding")
+    assert run.stdout.readline().startswith("step")
+    run.send_signal(signal.SIGHUP)
+    out, err = run.communicate()
+    assert run.returncode == 0 and err == "" and "step 3000/3000" in out and "test MSE" in out
 
 
 def test_a_closed_output_pipe_stops_printing_not_training(tmp_path):
@@ -673,6 +742,23 @@ def test_metrics_log_has_one_json_line_per_report(tmp_path):
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [line["step"] for line in lines] == [5, 10]
     assert all({"loss", "val_loss", "val_metric", "input_grad_norm"} <= set(line) for line in lines)
+
+
+def test_a_resume_mends_the_metrics_log_to_the_checkpoints_step(tmp_path):
+    """After a kill, the log may end in half a line, or hold reports made
+    after the last checkpoint: the resume keeps the whole reports up to the
+    checkpoint's step, and the log ends as that of the run uninterrupted."""
+    whole, log, path = tmp_path / "whole.jsonl", tmp_path / "log.jsonl", str(tmp_path / "run.npz")
+    flags = TINY[:-2] + ["--eval-every", "2", "--quiet", "--dtype", "float64"]
+    assert roa.main(flags + ["--steps", "10", "--metrics", str(whole)]) == 0
+    assert roa.main(flags + ["--steps", "4", "--metrics", str(log), "--save", path]) == 0
+    reports = whole.read_text().splitlines()
+    log.write_text("\n".join(reports[:3]) + "\n" + reports[3][:20])     # a report after step 4, then half a line
+    assert roa.main(["--resume", path, "--steps", "10"]) == 0
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [2, 4, 6, 8, 10]
+    for mine, theirs in zip(log.read_text().splitlines(), reports):
+        mine, theirs = json.loads(mine), json.loads(theirs)
+        assert mine["val_loss"] == theirs["val_loss"] and mine["loss"] == theirs["loss"]
 
 
 @pytest.mark.parametrize("task, flags", [

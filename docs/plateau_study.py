@@ -32,11 +32,13 @@ STEPS, EVERY = 4000, 100
 LEVERS = {      # name: (what it changes, the flags added to the base run at length T)
     "base": ("alpha 1, beta 0.1, Adam lr 2e-3, batch 64", lambda T: []),
     "beta-T": ("beta 10 / T", lambda T: ["--beta", f"{10 / T:.4g}"]),
-    "beta-sqrtT": ("beta 0.7 / sqrt(T)", lambda T: ["--beta", f"{0.7 / T ** 0.5:.4g}"]),
-    "lr1e-3": ("Adam lr 1e-3", lambda T: ["--lr", "1e-3"]),
-    "lr5e-3": ("Adam lr 5e-3", lambda T: ["--lr", "5e-3"]),
-    "batch256": ("batch 256", lambda T: ["--batch", "256"]),
+    "alpha0.9": ("alpha 0.9 (beta 0.1)", lambda T: ["--alpha", "0.9"]),
+    "alpha0.7": ("alpha 0.7, beta 0.3", lambda T: ["--alpha", "0.7", "--beta", "0.3"]),
     "clip1": ("gradients clipped to global norm 1", lambda T: ["--clip", "1"]),
+    "beta-sqrtT": ("beta 0.7 / sqrt(T)", lambda T: ["--beta", f"{0.7 / T ** 0.5:.4g}"]),
+    "lr5e-3": ("Adam lr 5e-3", lambda T: ["--lr", "5e-3"]),
+    "lr1e-3": ("Adam lr 1e-3", lambda T: ["--lr", "1e-3"]),
+    "batch256": ("batch 256", lambda T: ["--batch", "256"]),
 }
 
 
@@ -77,8 +79,8 @@ def run_one(args):
 
 
 def table(levers, lengths):
-    print(f"| lever | T | escaped | median escape step | median best val MSE |")
-    print(f"| --- | --- | --- | --- | --- |")
+    print("| lever | T | escaped | median escape step | median best val MSE |")
+    print("| --- | --- | --- | --- | --- |")
     for lever in levers:
         for T in lengths:
             escapes, bests, runs = [], [], 0
