@@ -573,6 +573,24 @@ def resume_plan(args, saved, path):
                        "with --steps or --epochs")
 
 
+def data_source(folder, task):
+    """What a checkpoint records of an MNIST run's data: the folder and the
+    data's SHA-256; nothing for a synthetic task."""
+    if not isinstance(task, MNIST):
+        return {}
+    return {"data_dir": os.path.abspath(folder), "data_sha256": task.data_sha256}
+
+
+def check_same_data(saved, task, path):
+    """A resumed MNIST run must train on the data it was trained on: the
+    checkpoint records its folder and the data's SHA-256 (tasks.data_digest)."""
+    recorded = saved.get("data_sha256")
+    if recorded is not None and recorded != getattr(task, "data_sha256", None):
+        raise RoaError(f"{path!r} was trained on other MNIST data ({saved.get('data_dir')}, SHA-256 "
+                       f"{recorded[:12]}...) than the files found now; point --data-dir at that data, or start "
+                       "a new run from its parameters on this data with --init")
+
+
 def planned_steps(args, task, saved=None):
     """The run's last step: --steps, or --epochs times the steps of an epoch,
     or on --resume the checkpoint's plan, which a resume may only extend;
@@ -676,20 +694,41 @@ def memory_needed(args, task):
 
 
 def memory_left(xp):
-    """Bytes free for new arrays: the system's (or the GPU's), within a
-    container's memory limit where there is one (cgroup v2 or v1)."""
+    """Bytes free for new arrays: the system's (or the GPU's), within every
+    memory limit of the process's cgroups (cgroup_memory_left)."""
     free = free_memory(xp)
     if xp is not numpy:
         return free
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        with contextlib.suppress(OSError, ValueError):
-            with open(limit_file) as limit, open(usage_file) as usage:
-                left = int(limit.read()) - int(usage.read())          # ("max" is no limit: ValueError)
-                free = left if free is None else min(free, left)
-            break
-    return free
+    left = cgroup_memory_left()
+    return left if free is None else free if left is None else min(free, left)
+
+
+def cgroup_memory_left(proc_cgroup="/proc/self/cgroup", root="/sys/fs/cgroup"):
+    """The least memory left under the limits of this process's cgroup and
+    of each cgroup above it (a job scheduler or systemd-run sets its limit
+    on a child group), cgroup v2 (memory.max - memory.current) and v1
+    (memory.limit_in_bytes - memory.usage_in_bytes); None where none is set."""
+    try:
+        with open(proc_cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    left = []
+    for line in lines:                                  # "0::/a/b" (v2) or "4:memory:/a/b" (v1)
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            base, limit_name, usage_name = root, "memory.max", "memory.current"
+        elif "memory" in controllers.split(","):
+            base, limit_name, usage_name = os.path.join(root, "memory"), "memory.limit_in_bytes", "memory.usage_in_bytes"
+        else:
+            continue
+        parts = [part for part in path.split("/") if part]
+        for depth in range(len(parts), -1, -1):         # the group itself, then each one above it
+            folder = os.path.join(base, *parts[:depth])
+            with contextlib.suppress(OSError, ValueError):      # (no such file; "max": no limit)
+                with open(os.path.join(folder, limit_name)) as limit, open(os.path.join(folder, usage_name)) as usage:
+                    left.append(int(limit.read()) - int(usage.read()))
+    return min(left, default=None)
 
 
 def check_memory(args, task, xp):

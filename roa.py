@@ -22,7 +22,8 @@ import numpy
 from autograd import (SGD, Adam, RoaError, activation, array_module, dropout_backward, dropout_forward,
                       get_array_module, linear_backward, linear_forward, random_orthogonal, rnn_backward,
                       rnn_forward, rnn_inference, roa_backward, roa_forward, roa_inference)
-from machinery import (ARCHITECTURE_FLAGS, DEFAULT_DATA_DIR, EVAL_BYTES, exclusive, same_file, PLAN_FLAGS, TRAINING_FLAGS,
+from machinery import (ARCHITECTURE_FLAGS, DEFAULT_DATA_DIR, EVAL_BYTES, check_same_data, data_source, exclusive,
+                       same_file, PLAN_FLAGS, TRAINING_FLAGS,
                        StopNow, Stopped, StopSignals, check, check_flags, check_memory, check_task_flags, clock,
                        continue_progress, fill_defaults, filter_fingerprint, kept_bytes, load_checkpoint,
                        non_finite_cause, parse_args, planned_steps, prepare_output, restore, resume_plan,
@@ -426,8 +427,8 @@ def make_task(args, log):
     if args.task == "copy":
         return Copy(args.length)
     mnist = PsMNIST if args.task == "psmnist" else DeepMNIST
-    return mnist(args.data_dir or DEFAULT_DATA_DIR, fetch=args.data_dir is None,
-                 validation_size=args.validation, log=log)
+    folder = args.data_dir or DEFAULT_DATA_DIR
+    return mnist(folder, fetch=same_file(folder, DEFAULT_DATA_DIR), validation_size=args.validation, log=log)
 
 
 def make_model(args, task):
@@ -484,7 +485,11 @@ def run(args, log=say):
     for flag, path in (("--save", args.save), ("--metrics", args.metrics)):
         if path:
             prepare_output(flag, path, log, replace=args.overwrite or same_file(path, args.resume))
+    if args.resume and args.data_dir is None:           # the data the run was trained on
+        args.data_dir = saved.get("data_dir")
     task = make_task(args, log)
+    if saved:
+        check_same_data(saved, task, args.resume)
     steps = planned_steps(args, task, saved)
     args.eval_every = args.eval_every or max(1, steps // 20)
     if args.average_from > steps:
@@ -506,6 +511,7 @@ def run(args, log=say):
     plan = Plan(steps, args.batch, args.seed, args.eval_every, args.lr, args.schedule, args.save_every or 0)
     config = {name: getattr(args, name) for name in TRAINING_FLAGS + PLAN_FLAGS}
     config["steps"] = steps
+    config.update(data_source(args.data_dir or DEFAULT_DATA_DIR, task))
     unsaved = []                                        # the last save's error, where every place failed
 
     def save(progress):

@@ -230,6 +230,8 @@ def parse_idx(raw, name):
 
 def read_idx(path):
     """Read an IDX file, raw or gzip-compressed."""
+    if os.path.exists(path) and not os.path.isfile(path):       # (opening a FIFO would wait for a writer)
+        raise RoaError(f"{path} is not a regular file (a folder, a pipe, a device ...): an IDX file is needed")
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -292,6 +294,9 @@ def load_mnist(data_dir, fetch=False, log=print):
         if imgs.ndim != 3 or imgs.shape[1:] != (28, 28) or labs.shape != (imgs.shape[0],):
             raise RoaError(f"{data_dir}: {split} files hold images {imgs.shape} and labels {labs.shape}; "
                            "MNIST needs (n, 28, 28) images and n labels")
+        if imgs.dtype.kind == "f" and not numpy.isfinite(imgs).all():
+            raise RoaError(f"{find_mnist_file(data_dir, split + '-images-idx3-ubyte')}: the images hold NaN or "
+                           "Inf; pixels must be finite numbers")
         if len(labs) == 0:
             raise RoaError(f"{find_mnist_file(data_dir, split + '-labels-idx1-ubyte')}: no images in the {split} "
                            "split; MNIST needs at least one")
@@ -300,6 +305,16 @@ def load_mnist(data_dir, fetch=False, log=print):
             raise RoaError(f"{find_mnist_file(data_dir, split + '-labels-idx1-ubyte')}: labels must be integers "
                            f"0-9, got {bad.flat[0].item()!r}" + (f" and {bad.size - 1} more" if bad.size > 1 else ""))
     return [images, labels.astype(numpy.int64), test_images, test_labels.astype(numpy.int64)]
+
+
+def data_digest(arrays):
+    """The SHA-256 of the arrays' shapes, types and bytes: the same for the
+    same data, whether its files were raw or gzip-compressed."""
+    digest = hashlib.sha256()
+    for a in arrays:
+        digest.update(f"{a.shape} {a.dtype.str}".encode())
+        digest.update(numpy.ascontiguousarray(a).tobytes())
+    return digest.hexdigest()
 
 
 def pixel_permutation(seed):
@@ -316,6 +331,7 @@ class MNIST(Task):
 
     def __init__(self, data_dir, fetch=False, validation_size=5000, log=print):
         images, labels, test_images, test_labels = load_mnist(data_dir, fetch, log)
+        self.data_sha256 = data_digest([images, labels, test_images, test_labels])   # what a checkpoint records
         if not 0 < validation_size < len(images):
             raise RoaError(f"validation size must be in 1 .. {len(images) - 1}, got {validation_size}")
         cut = len(images) - validation_size

@@ -894,3 +894,72 @@ def test_readout_probe_runs_on_a_copy_checkpoint_and_refuses_others(tmp_path, ca
     assert len(scores) == tasks.COPY_SYMBOLS and all(0 <= s <= 1 for s in scores)
     assert readout_probe.main([adding, "--length", "12"]) == 2
     assert "adding checkpoint, not copy" in capsys.readouterr().err
+
+
+def test_a_resume_trains_on_the_data_it_was_trained_on(tmp_path, capsys):
+    """An MNIST checkpoint records its data's folder and SHA-256: --resume
+    alone goes back to that folder, and other data is refused (--init may
+    start a new run from the parameters on it)."""
+    first, other = tmp_path / "first", tmp_path / "other"
+    first.mkdir(), other.mkdir()
+    write_fake_mnist(first, 12, 6)
+    write_fake_mnist(other, 12, 6)
+    (other / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(numpy.arange(6) % 10))
+    path = str(tmp_path / "run.npz")
+    flags = ["--task", "psmnist", "--hidden", "4", "--batch", "2", "--validation", "4", "--schedule", "constant",
+             "--quiet"]
+    assert roa.main(flags + ["--steps", "2", "--data-dir", str(first), "--save", path]) == 0
+    config = machinery.load_checkpoint(path).config
+    assert config["data_dir"] == str(first) and len(config["data_sha256"]) == 64
+    capsys.readouterr()
+    code, err, out = run_cli(["--resume", path, "--steps", "3", "--data-dir", str(other)], capsys)
+    assert code == 2 and "other MNIST data" in err and str(first) in err and "step" not in out
+    assert roa.main(["--resume", path, "--steps", "3", "--quiet"]) == 0          # back to its own folder
+    assert roa.main(flags + ["--init", path, "--steps", "1", "--data-dir", str(other)]) == 0
+
+
+def test_non_finite_pixels_and_pipes_are_refused_as_data(tmp_path, capsys):
+    """Images stored as floats must be finite, in the training and the
+    held-out files alike; a FIFO named like a data file is refused, not
+    waited on."""
+    for split in ("train", "t10k"):
+        folder = tmp_path / split
+        folder.mkdir()
+        write_fake_mnist(folder, 12, 6)
+        images = numpy.zeros((12 if split == "train" else 6, 28, 28))
+        images[1, 3, 4] = numpy.nan
+        (folder / f"{split}-images-idx3-ubyte").write_bytes(idx_bytes(images, 0x0D))
+        code, err, _ = run_cli(["--task", "psmnist", "--hidden", "4", "--batch", "2", "--validation", "4",
+                                "--steps", "1", "--data-dir", str(folder)], capsys)
+        assert code == 2 and "NaN or Inf" in err and f"{split}-images" in err
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    write_fake_mnist(fifo, 12, 6)
+    (fifo / "t10k-images-idx3-ubyte").unlink()
+    os.mkfifo(fifo / "t10k-images-idx3-ubyte")
+    code, err, _ = run_cli(["--task", "psmnist", "--steps", "1", "--data-dir", str(fifo)], capsys)
+    assert code == 2 and "not a regular file" in err
+
+
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_the_memory_left_is_the_least_under_every_cgroup_above_the_process(tmp_path, version):
+    """A limit set on a child cgroup (Slurm, systemd-run) counts, as does
+    any group above it; "max" or a missing file is no limit."""
+    GiB = 2**30
+    groups = {"": ("max", 5 * GiB), "job": (8 * GiB, 6 * GiB), "job/step": (1 * GiB, GiB // 4)}
+    base = tmp_path if version == "v2" else tmp_path / "memory"
+    limit_name, usage_name = (("memory.max", "memory.current") if version == "v2"
+                              else ("memory.limit_in_bytes", "memory.usage_in_bytes"))
+    for group, (limit, usage) in groups.items():
+        folder = base / group
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / limit_name).write_text(f"{limit}\n")
+        (folder / usage_name).write_text(f"{usage}\n")
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/job/step\n" if version == "v2" else "5:cpu,cpuacct:/\n4:memory:/job/step\n0::/\n")
+    assert machinery.cgroup_memory_left(str(proc), str(tmp_path)) == GiB - GiB // 4
+    (base / "job" / "step" / limit_name).write_text("max\n" if version == "v2" else f"{16 * GiB}\n")
+    assert machinery.cgroup_memory_left(str(proc), str(tmp_path)) == 2 * GiB          # the parent's
+    proc.write_text("1:cpu:/\n")
+    assert machinery.cgroup_memory_left(str(proc), str(tmp_path)) is None
+    assert machinery.cgroup_memory_left(str(tmp_path / "none"), str(tmp_path)) is None
