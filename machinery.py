@@ -72,6 +72,10 @@ RULES = {
     "clip": (NON_NEGATIVE[0], "a finite number >= 0 (0: no clipping)"),
     "dropout": (lambda v: is_real(v) and 0 <= v < 1, "a number >= 0 and < 1"),
     "activation": one_of(sorted(ACTIVATIONS)), "dtype": one_of(DTYPES), "optimizer": one_of(OPTIMIZERS),
+    "curriculum": (lambda v: v is None or (isinstance(v, list) and len(v) >= 2 and all(is_integer(T) and T >= 2
+                                                                                     for T in v)
+                                           and all(a < b for a, b in zip(v, v[1:]))),
+                   "two or more lengths >= 2, growing, such as 100,200,500"),
     "schedule": one_of(SCHEDULES), "readout": one_of(READOUTS), "task": one_of(TASKS), "save": PATH, "metrics": PATH, "threads": SIZE,
 }
 
@@ -339,10 +343,11 @@ def check_progress(progress, path):
     """A checkpoint's progress: finite training losses, and a best report
     with a number for its metric (which may have overflowed to Inf) and a step."""
     losses, metric, step = progress.get("losses", []), progress.get("best_metric"), progress.get("best_step", 0)
+    stage = progress.get("stage", 0)
     metric_ok = metric is None or (isinstance(metric, numbers.Real) and not isinstance(metric, bool)
                                    and not math.isnan(metric))
     if (not isinstance(losses, list) or not all(is_real(x) for x in losses) or not metric_ok
-            or not is_integer(step) or step < 0):
+            or not is_integer(step) or step < 0 or not is_integer(stage) or stage < 0):
         raise RoaError(f"{path!r}: its progress record is damaged ({progress!r:.200})")
 
 
@@ -367,12 +372,23 @@ def check_shapes(model, path, params, what="parameter"):
 # what a checkpoint's parameters fix: starting from them (--init) with another value is a mistake
 ARCHITECTURE_FLAGS = ("task", "hidden", "depth", "alpha", "beta", "activation", "dtype", "seed")
 # what a checkpoint's run fixes: resuming it (--resume) with another value is a mistake
-TRAINING_FLAGS = ARCHITECTURE_FLAGS + ("length", "optimizer", "lr", "schedule", "weight_decay", "clip", "dropout",
+TRAINING_FLAGS = ARCHITECTURE_FLAGS + ("length", "curriculum", "optimizer", "lr", "schedule", "weight_decay", "clip", "dropout",
                                        "batch", "average_from", "eval_every", "validation")
 # what a checkpoint keeps besides: the run's length (a resume may extend it) and its outputs (a resume may change them)
 PLAN_FLAGS = ("steps", "epochs", "save", "save_every", "metrics")
 PATH_FLAGS = ("save", "metrics", "resume", "init", "data_dir")
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "mnist")
+
+
+def lengths(text):
+    """An argparse type: comma-separated lengths, held to RULES["curriculum"]."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = text
+    if not RULES["curriculum"][0](values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give {RULES['curriculum'][1]}")
+    return values
 
 
 def flag_type(name):
@@ -405,6 +421,9 @@ def parse_args(argv):
                    "or an extremely deep roaFNN on flattened MNIST (deepmlp); needed unless --resume")
     p.add_argument("--length", "-T", type=flag_type("length"),
                    help="sequence length (adding) or delay (copy); psMNIST is always 784")
+    p.add_argument("--curriculum", type=lengths, metavar="T1,T2,...", help="train at each length in turn, "
+                   "moving on when the validation metric solves it; the run is scored at the last, which is its "
+                   "--length (adding, copy)")
     p.add_argument("--hidden", type=flag_type("hidden"), help="hidden size N (the width, for deepmlp)")
     p.add_argument("--depth", type=flag_type("depth"), help="number of roa layers L (deepmlp)")
     p.add_argument("--alpha", type=flag_type("alpha"), help="weight of the orthogonal filter, >= 0")
@@ -506,7 +525,7 @@ def thread_count(text):
 
 
 TASK_FLAGS = {      # flags that only some tasks use
-    "depth": ("deepmlp",), "length": ("adding", "copy"), "epochs": ("psmnist", "deepmlp"),
+    "depth": ("deepmlp",), "length": ("adding", "copy"), "curriculum": ("adding", "copy"), "epochs": ("psmnist", "deepmlp"),
     "validation": ("psmnist", "deepmlp"), "data_dir": ("psmnist", "deepmlp"),
 }
 
@@ -530,6 +549,9 @@ def check_flags(args):
         raise RoaError(f"--steps {args.steps} and --epochs {args.epochs} both say how long to train: give one")
     if args.resume and args.init:
         raise RoaError("--resume continues a run and --init starts a new one from its parameters: give one")
+    if args.curriculum and args.length not in (None, args.curriculum[-1]):
+        raise RoaError(f"--length {args.length} is not the curriculum's last length, {args.curriculum[-1]}: "
+                       "leave --length out")
     if args.save and same_file(args.save, args.metrics):
         raise RoaError(f"--save and --metrics are both {args.save!r}: the checkpoint and the log need a file each")
     if args.task is None and not args.resume:
@@ -551,6 +573,8 @@ def fill_defaults(args, saved=None, fixed=TRAINING_FLAGS):
                 setattr(args, name, saved.get(name))
     defaults = {"activation": "tanh", "schedule": "constant", "weight_decay": 0.0, "clip": 0.0, "dropout": 0.0, "dtype": "float32",
                 "average_from": 0, "seed": 0, "validation": 5000, **PRESETS[args.task]}
+    if args.curriculum:                                 # the run is scored at its last length
+        args.length = args.curriculum[-1]
     for name in ("steps", "epochs"):                    # the run's length: planned_steps
         defaults.pop(name, None)
     for name, value in defaults.items():
@@ -681,8 +705,9 @@ def memory_needed(args, task):
         kept = kept_bytes(T, args.batch, N, args.dtype) + T * args.batch * N * item
         per_example = T * (n_in + 2 * N + task.n_out) * item
         construction = 4 * N * N * 8
-    if isinstance(task, Synthetic):                     # drawn when first used, in float64
-        held_out, examples = 2 * HELD_OUT * math.prod(task.input_shape(1)) * 8, HELD_OUT
+    if isinstance(task.stages[-1], Synthetic):          # drawn when first used, in float64 (each stage's)
+        held_out = sum(2 * HELD_OUT * math.prod(stage.input_shape(1)) * 8 for stage in task.stages)
+        examples = HELD_OUT
     else:                                               # loaded already
         held_out = sum(a.nbytes for a in (*task.train, *task.validation, *task.test))
         examples = max(len(task.validation[1]), len(task.test[1]))
@@ -758,6 +783,7 @@ def continue_progress(model, optimizer, progress, checkpoint, path):
     optimizer.load_state({k: a if a.ndim == 0 else xp.asarray(a) for k, a in optim.items()})
     progress.step = checkpoint.step
     progress.losses = list(checkpoint.progress.get("losses", []))
+    progress.stage = checkpoint.progress.get("stage", 0)
     if checkpoint.best:
         check_shapes(model, path, checkpoint.best, "best report's parameter")
         progress.best_params = {k: xp.asarray(checkpoint.best[k], dtype=model.dtype) for k in model.params}

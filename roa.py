@@ -29,7 +29,7 @@ from machinery import (ARCHITECTURE_FLAGS, DEFAULT_DATA_DIR, EVAL_BYTES, check_s
                        non_finite_cause, parse_args, planned_steps, prepare_output, restore, resume_plan,
                        save_checkpoint, say, trained_state_finite, unprefixed, use_threads,
                        metrics_log, why_it_ended)
-from tasks import MNIST, Adding, Copy, DeepMNIST, PsMNIST, on_device, random_stream
+from tasks import MNIST, Adding, Copy, Curriculum, DeepMNIST, PsMNIST, on_device, random_stream
 
 
 class Model:
@@ -334,13 +334,14 @@ class Progress:
     weight average (None without --average-from)."""
 
     def __init__(self, average=None):
-        self.step, self.losses = 0, []
+        self.step, self.losses, self.stage = 0, [], 0
         self.best_metric, self.best_step, self.best_params = None, 0, None
         self.average = average
 
     def state(self):
         """The numbers, as one JSON-able dict (its arrays are saved apart)."""
-        return {"losses": self.losses, "best_metric": self.best_metric, "best_step": self.best_step}
+        return {"losses": self.losses, "best_metric": self.best_metric, "best_step": self.best_step,
+                "stage": self.stage}
 
 
 def evaluate_params(model, params, task, data):
@@ -361,16 +362,22 @@ def train(model, task, optimizer, plan, progress, log=say, save=None, record=Non
     came. The model keeps training to the last step; the test set then scores
     the parameters of the report with the best validation metric. With a
     weight average, the reports from its start step on fold the parameters
-    into it and validate (and may choose) its mean.
+    into it and validate (and may choose) its mean. A curriculum's run
+    trains on its stage progress.stage and moves on to the next as soon as
+    a report solves it; only the last stage's reports may be chosen.
     Returns (test loss, test metric, step of the chosen parameters)."""
     start, train_seconds, first = time.time(), 0.0, progress.step
     last_line = start
     average = progress.average
+    width = len(str(plan.steps))
     with StopSignals() as stop, numpy.errstate(all="ignore"):     # (train_step checks for NaN and Inf)
         for step in range(first + 1, plan.steps + 1):
+            stage = task.stages[progress.stage]
+            last_stage = progress.stage == len(task.stages) - 1
+            where = "" if len(task.stages) == 1 else f"[T={stage.T}, stage {progress.stage + 1}/{len(task.stages)}]  "
             tick = time.time()
             optimizer.lr = learning_rate(plan, step)
-            loss, input_grad = train_step(model, task, optimizer, plan.seed, step, plan.batch)
+            loss, input_grad = train_step(model, stage, optimizer, plan.seed, step, plan.batch)
             progress.step = step
             progress.losses.append(loss)
             train_seconds += time.time() - tick
@@ -383,18 +390,20 @@ def train(model, task, optimizer, plan, progress, log=say, save=None, record=Non
                 if average and step >= average.start:
                     average.fold(model.params)
                     candidate, averaged = average.mean, average.count
-                val_loss, val_metric = evaluate_params(model, candidate, task, task.validation)
+                val_loss, val_metric = evaluate_params(model, candidate, stage, stage.validation)
                 report = dict(step=step, loss=float(numpy.mean(progress.losses)), val_loss=val_loss,
                               val_metric=val_metric, input_grad_norm=input_grad,
                               examples_per_s=done * plan.batch / train_seconds, elapsed_s=elapsed,
                               averaged=averaged)
+                if len(task.stages) > 1:
+                    report.update(length=stage.T, stage=progress.stage + 1)
                 progress.losses = []
-                if progress.best_metric is None or task.better(val_metric, progress.best_metric):
+                if last_stage and (progress.best_metric is None or task.better(val_metric, progress.best_metric)):
                     progress.best_metric, progress.best_step = val_metric, step
                     progress.best_params = {k: v.copy() for k, v in candidate.items()}
                 mean_of = f" (the weights' mean over {averaged} report{'s' * (averaged > 1)})" if averaged else ""
-                log(f"step {step:>{len(str(plan.steps))}}/{plan.steps}  loss {report['loss']:.4f}  "
-                    f"val loss {val_loss:.4f} (baseline {task.baseline:.3f})  "
+                log(f"step {step:>{width}}/{plan.steps}  {where}loss {report['loss']:.4f}  "
+                    f"val loss {val_loss:.4f} (baseline {stage.baseline:.3f})  "
                     f"val {task.metric_name} {val_metric:.4f}{mean_of}  "
                     f"|grad {model.input_layer}| {input_grad:.2e}  " + pace)
                 last_line = time.time()
@@ -406,8 +415,12 @@ def train(model, task, optimizer, plan, progress, log=say, save=None, record=Non
                             save(progress)
                         raise RoaError(f"training stopped after step {step}: could not write the metrics log "
                                        f"({err})" + ("; the checkpoint is saved" if save else "")) from None
+                if not last_stage and stage.solved(val_metric):        # the curriculum's next length
+                    progress.stage += 1
+                    log(f"roa: T={stage.T} solved on validation at step {step}; "
+                        f"now T={task.stages[progress.stage].T}")
             elif time.time() - last_line > HEARTBEAT_SECONDS:     # slow steps: say where we are
-                log(f"step {step:>{len(str(plan.steps))}}/{plan.steps}  loss {loss:.4f}  " + pace)
+                log(f"step {step:>{width}}/{plan.steps}  {where}loss {loss:.4f}  " + pace)
                 last_line = time.time()
             if save and (step == plan.steps or stop.signum
                          or (plan.save_every and step % plan.save_every == 0)):
@@ -422,10 +435,9 @@ def train(model, task, optimizer, plan, progress, log=say, save=None, record=Non
 
 
 def make_task(args, log):
-    if args.task == "adding":
-        return Adding(args.length)
-    if args.task == "copy":
-        return Copy(args.length)
+    if args.task in ("adding", "copy"):
+        synthetic = Adding if args.task == "adding" else Copy
+        return Curriculum([synthetic(T) for T in args.curriculum]) if args.curriculum else synthetic(args.length)
     mnist = PsMNIST if args.task == "psmnist" else DeepMNIST
     folder = args.data_dir or DEFAULT_DATA_DIR
     return mnist(folder, fetch=same_file(folder, DEFAULT_DATA_DIR), validation_size=args.validation, log=log)
@@ -459,7 +471,8 @@ def load_model(path, device="cpu"):
 
 def describe(args, task, steps):
     shape = (f"roaFNN L={args.depth} N={args.hidden}" if task.model == "fnn"
-             else f"T={task.T} | roaRNN N={args.hidden}")
+             else f"T={task.T}" + (f" (curriculum {','.join(map(str, args.curriculum))})" if args.curriculum else "")
+            + f" | roaRNN N={args.hidden}")
     regularisers = (f" weight decay {args.weight_decay}" if args.weight_decay else "") + \
         (f" clip {args.clip}" if args.clip else "") + \
         (f" dropout {args.dropout}" if args.dropout else "")
@@ -503,6 +516,9 @@ def run(args, log=say):
         restore(model, source, checkpoint.params, checkpoint.filters)
     if args.resume:
         continue_progress(model, optimizer, progress, checkpoint, args.resume)
+        if progress.stage >= len(task.stages):
+            raise RoaError(f"{args.resume!r}: its curriculum stage {progress.stage + 1} does not exist "
+                           f"(the run has {len(task.stages)})")
         log(f"roa: {args.resume} finished its run at step {progress.step}: scoring it on the test set "
             "(a longer run: --steps or --epochs)" if progress.step >= steps
             else f"roa: resuming {args.resume} at step {progress.step}")
@@ -532,6 +548,8 @@ def run(args, log=say):
                                                   args.save and save, record)
     epochs = steps / task.steps_per_epoch(args.batch) if isinstance(task, MNIST) else None
     verdict = "SOLVED" if task.solved(test_metric, epochs) else "not solved"
+    if progress.stage < len(task.stages) - 1:
+        verdict += f", the curriculum got no further than T={task.stages[progress.stage].T}"
     say(f"roa: {task.name}: test {task.metric_name} {test_metric:.4f}, test loss {test_loss:.4f} "
         f"(baseline {task.baseline:.3f}; parameters of step {best_step}, the best on validation) "
         f"-> {verdict} ({task.criterion(epochs)}); "

@@ -90,6 +90,24 @@ class Task:
         """Is metric a better than metric b?"""
         return a > b if self.higher_is_better else a < b
 
+    @property
+    def stages(self):
+        """The tasks a run trains on, one after the other: this one alone."""
+        return [self]
+
+
+class Curriculum:
+    """A synthetic task learned over growing lengths (a curriculum): a run
+    trains on stages[0] until its validation metric solves it, then on
+    stages[1], and so on; the last stage is the task the run is scored on,
+    and a Curriculum answers for it everywhere else."""
+
+    def __init__(self, stages):
+        self.stages = stages
+
+    def __getattr__(self, name):
+        return getattr(self.stages[-1], name)
+
 
 class Synthetic(Task):
     """A task whose sequences a seeded generator `make_batch(rng, T, B)` draws

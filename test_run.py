@@ -21,7 +21,7 @@ import zipfile
 
 import numpy
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import autograd as ag
@@ -963,3 +963,64 @@ def test_the_memory_left_is_the_least_under_every_cgroup_above_the_process(tmp_p
     proc.write_text("1:cpu:/\n")
     assert machinery.cgroup_memory_left(str(proc), str(tmp_path)) is None
     assert machinery.cgroup_memory_left(str(tmp_path / "none"), str(tmp_path)) is None
+
+
+CURRICULUM = ["--task", "adding", "--curriculum", "4,8,16", "--hidden", "16", "--lr", "0.01", "--alpha", "0.9",
+              "--steps", "900", "--eval-every", "25", "--dtype", "float64"]
+
+
+def test_a_curriculum_moves_on_when_validation_solves_a_stage(tmp_path, monkeypatch, capsys):
+    """--curriculum 4,8,16 trains at T = 4 until a report's validation MSE
+    is below 0.01, then at 8, then at 16, the length the run is scored at;
+    the progress lines, the metrics log and the checkpoint say the stage;
+    only the last stage's reports may be chosen for the test."""
+    path, log = str(tmp_path / "run.npz"), str(tmp_path / "run.jsonl")
+    assert roa.main(CURRICULUM + ["--save", path, "--metrics", log]) == 0
+    out = capsys.readouterr().out
+    reports = [json.loads(line) for line in open(log)]
+    assert [r["length"] for r in reports] == sorted(r["length"] for r in reports)
+    for before, after in zip(reports, reports[1:]):
+        if after["length"] != before["length"]:               # a stage ends at a report that solves it
+            assert before["val_metric"] < 0.01 and after["stage"] == before["stage"] + 1
+            assert f"T={before['length']} solved on validation at step {before['step']}; now T={after['length']}" in out
+        else:
+            assert before["val_metric"] >= 0.01 or before["length"] == 16
+    assert reports[-1]["length"] == 16 and "[T=16, stage 3/3]" in out and "T=16 (curriculum 4,8,16)" in out
+    checkpoint = machinery.load_checkpoint(path)
+    assert checkpoint.progress["stage"] == 2 and checkpoint.config["curriculum"] == [4, 8, 16]
+    assert checkpoint.config["length"] == 16
+    chosen = checkpoint.progress["best_step"]
+    assert [r["length"] for r in reports if r["step"] == chosen] == [16]
+    assert checkpoint.progress["best_metric"] == min(r["val_metric"] for r in reports if r["length"] == 16)
+
+
+@settings(max_examples=12)
+@given(st.integers(1, 240))
+def test_a_curriculum_stopped_at_any_step_resumes_as_the_run_uninterrupted(stop_at):
+    """Stopped after any step, before or after a stage ends, the resumed run
+    ends as the run uninterrupted: same stage, reports and parameters."""
+    flags = CURRICULUM[:-6] + ["--steps", "240", "--eval-every", "5", "--lr", "0.02", "--dtype", "float64"]
+    with tempfile.TemporaryDirectory() as folder, pytest.MonkeyPatch.context() as monkeypatch:
+        whole, stopped = (os.path.join(folder, name) for name in ("whole.npz", "stopped.npz"))
+        monkeypatch.setattr(roa, "say", lambda line: None)
+        assert roa.main(flags + ["--save", whole, "--quiet"]) == 0
+        signal_at(monkeypatch, [stop_at])
+        assert roa.main(flags + ["--save", stopped, "--quiet"]) == 128 + signal.SIGTERM
+        monkeypatch.undo()
+        monkeypatch.setattr(roa, "say", lambda line: None)
+        assert roa.main(["--resume", stopped, "--quiet"]) == 0
+        one, two = machinery.load_checkpoint(whole), machinery.load_checkpoint(stopped)
+        assert one.progress == two.progress and one.progress["stage"] >= 1
+        assert all(numpy.array_equal(one.params[k], two.params[k]) for k in one.params)
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--task", "adding", "--curriculum", "20,10"], "growing"),
+    (["--task", "adding", "--curriculum", "10"], "two or more"),
+    (["--task", "adding", "--curriculum", "10,x"], "10,x"),
+    (["--task", "adding", "--curriculum", "10,20", "--length", "30"], "last length, 20"),
+    (["--task", "psmnist", "--curriculum", "10,20"], "--curriculum is not used by the psmnist task"),
+])
+def test_bad_curricula_are_refused_in_one_line(flags, named, capsys):
+    code, err, out = run_cli(flags, capsys)
+    assert code == 2 and named in err and err.count("\n") == 1 and "step" not in out

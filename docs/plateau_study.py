@@ -7,8 +7,9 @@
 Each lever is a set of flags added to one short roaRNN run of the adding
 problem (alpha 1, N 64, the adding preset otherwise), run at each length on
 seeds 0-4, two runs at a time at one BLAS thread each. A run's validation
-MSE reports go to runs/study/LEVER-T.LENGTH-seed.SEED.jsonl (a finished log
-is not run again). A seed has *escaped* the plateau (0.167, the loss of
+MSE reports go to runs/study/LEVER-TLENGTH-seedSEED.jsonl, its checkpoints
+to the .npz beside it (a finished log is not run again; a run cut short is
+resumed from its checkpoint, and a longer STEPS extends the finished ones). A seed has *escaped* the plateau (0.167, the loss of
 always answering 1) at the first report whose validation MSE is below
 ESCAPE; the table gives, per lever and length, the seeds escaped, the
 median escape step of those seeds, and the median of every seed's best
@@ -27,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 ESCAPE = 0.05           # a validation MSE below this has left the plateau (0.167) for good
 SEEDS = range(5)
-STEPS, EVERY = 4000, 100
+STEPS, EVERY, SAVE_EVERY = 8000, 100, 1000
 
 LEVERS = {      # name: (what it changes, the flags added to the base run at length T)
     "base": ("alpha 1, beta 0.1, Adam lr 2e-3, batch 64", lambda T: []),
@@ -42,15 +43,21 @@ LEVERS = {      # name: (what it changes, the flags added to the base run at len
 }
 
 
-def log_path(lever, T, seed):
-    return os.path.join(ROOT, "runs", "study", f"{lever}-T{T}-seed{seed}.jsonl")
+def log_path(lever, T, seed, ext="jsonl"):
+    """The run's metrics log (or, with ext="npz", its checkpoint)."""
+    return os.path.join(ROOT, "runs", "study", f"{lever}-T{T}-seed{seed}.{ext}")
 
 
 def command(lever, T, seed):
-    """The roa.py command of one run of the study."""
+    """The roa.py command of one run of the study: a new run, or the resume
+    of its checkpoint where a run was cut short (the resume mends its log)."""
+    checkpoint = log_path(lever, T, seed, "npz")
+    if os.path.exists(checkpoint):
+        return [sys.executable, os.path.join(ROOT, "roa.py"), "--resume", checkpoint, "--steps", str(STEPS), "--quiet"]
     return [sys.executable, os.path.join(ROOT, "roa.py"), "--task", "adding", "--length", str(T),
             "--alpha", "1", "--steps", str(STEPS), "--eval-every", str(EVERY), "--seed", str(seed),
-            "--threads", "1", "--quiet", "--metrics", log_path(lever, T, seed), *LEVERS[lever][1](T)]
+            "--threads", "1", "--quiet", "--metrics", log_path(lever, T, seed), "--save", checkpoint,
+            "--save-every", str(SAVE_EVERY), *LEVERS[lever][1](T)]
 
 
 def reports(path):
@@ -71,8 +78,8 @@ def run_one(args):
     path = log_path(lever, T, seed)
     if finished(path):
         return
-    if os.path.exists(path):
-        os.remove(path)                 # a log cut short: run it again from the start
+    if os.path.exists(path) and not os.path.exists(log_path(lever, T, seed, "npz")):
+        os.remove(path)                 # a log cut short with no checkpoint: run it again from the start
     done = subprocess.run(command(lever, T, seed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     best = min((r["val_metric"] for r in reports(path)), default=None)      # (the test line is not looked at)
     print(f"{lever} T={T} seed {seed}: exit {done.returncode}, best val MSE {best} {done.stderr.strip()}", flush=True)
