@@ -22,6 +22,8 @@ Conventions (those of CS231n's layers.py):
   place where a device name becomes a module.
 """
 
+import math
+import numbers
 from typing import Callable, NamedTuple
 
 import numpy
@@ -418,6 +420,9 @@ def mse_loss(x, Y):
     dL/dx_L = E / B for every sample, where E = -2 (Y - x_L) is the paper's
     error vector.
     """
+    if getattr(x, "shape", None) != getattr(Y, "shape", None) or x.ndim < 2:
+        raise RoaError(f"mse_loss: the outputs and targets must have one shape (B, K) or (T, B, K), got "
+                       f"{getattr(x, 'shape', None)} and {getattr(Y, 'shape', None)}")
     B = x.shape[-2]
     diff = x - Y
     return float((diff * diff).sum()) / B, 2 * diff / B
@@ -431,6 +436,12 @@ def softmax_cross_entropy(z, labels):
     Returns the loss and dL/dz = (softmax(z) - onehot) / n.
     """
     xp = get_array_module(z)
+    if getattr(labels, "shape", None) != z.shape[:-1] or labels.dtype.kind not in "iu":
+        raise RoaError(f"softmax_cross_entropy: labels must be integers of shape {z.shape[:-1]}, got "
+                       f"{getattr(labels, 'dtype', type(labels).__name__)} {getattr(labels, 'shape', '')}")
+    if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= z.shape[-1]):
+        raise RoaError(f"softmax_cross_entropy: labels must be in 0 .. {z.shape[-1] - 1}, got "
+                       f"{int(labels.min())} .. {int(labels.max())}")
     scores = z.reshape(-1, z.shape[-1])
     labels = labels.reshape(-1)
     n = scores.shape[0]
@@ -444,6 +455,23 @@ def softmax_cross_entropy(z, labels):
 
 
 # ----------------------------------------------------------- optimisers
+
+def check_rate(name, value):
+    """An optimiser's setting: a finite number, > 0 for the learning rate,
+    >= 0 for the others."""
+    smallest_ok = value > 0 if name == "lr" else value >= 0
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not smallest_ok:
+        raise RoaError(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {value!r}")
+    return value
+
+
+def check_gradients(params, grads):
+    """Every gradient must name a parameter and have its shape."""
+    for name, grad in grads.items():
+        if name not in params or getattr(grad, "shape", None) != params[name].shape:
+            wanted = f"shape {params[name].shape}" if name in params else f"one of {sorted(params)}"
+            raise RoaError(f"the gradient {name!r} must be {wanted}, got {getattr(grad, 'shape', type(grad).__name__)}")
+
 
 def clip_global_norm(grads, max_norm):
     """The gradients scaled by one factor so that their global norm
@@ -465,10 +493,11 @@ class SGD:
     the gradients are first clipped to that global norm."""
 
     def __init__(self, lr, clip=0.0):
-        self.lr, self.clip = lr, clip
+        self.lr, self.clip = check_rate("lr", lr), check_rate("clip", clip)
 
     def step(self, params, grads):
         """Update every parameter in place by its (clipped) gradient."""
+        check_gradients(params, grads)
         for name, grad in clip_global_norm(grads, self.clip).items():
             params[name] += -self.lr * grad                # eqs (8)-(9): W(i) = W(i-1) + dW, dW = -mu dL/dW
 
@@ -487,11 +516,14 @@ class Adam:
     clip > 0 the gradients are first clipped to that global norm."""
 
     def __init__(self, lr, weight_decay=0.0, clip=0.0, b1=0.9, b2=0.999, eps=1e-8):
-        self.lr, self.weight_decay, self.clip, self.b1, self.b2, self.eps = lr, weight_decay, clip, b1, b2, eps
+        self.lr, self.weight_decay, self.clip = (check_rate(name, value) for name, value in
+                                                 (("lr", lr), ("weight_decay", weight_decay), ("clip", clip)))
+        self.b1, self.b2, self.eps = b1, b2, eps
         self.t = 0
         self.m, self.v = {}, {}
 
     def step(self, params, grads):
+        check_gradients(params, grads)
         self.t += 1
         xp = get_array_module(next(iter(grads.values())))
         for name, grad in clip_global_norm(grads, self.clip).items():

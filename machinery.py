@@ -26,6 +26,7 @@ import signal
 import sys
 import tempfile
 import zipfile
+import zlib
 from typing import NamedTuple
 
 import numpy
@@ -136,10 +137,11 @@ class StopSignals:
 
 def say(line):
     """Print a line on stdout. When the reader has gone (output piped into
-    `head`), printing stops but the run goes on: stdout becomes /dev/null."""
+    `head`) or stdout cannot be written (a full disk), printing stops but the
+    run goes on: stdout becomes /dev/null."""
     try:
         print(line, flush=True)
-    except BrokenPipeError:
+    except OSError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
@@ -158,12 +160,16 @@ def trained_state_finite(model, optimizer):
 
 
 
-def non_finite_cause(model, u, loss, grads, lr):
+def non_finite_cause(model, u, loss, grads, optimizer):
     """What most likely made a step's numbers NaN or Inf, and what to do.
     grads: the step's gradients, None where the loss stopped it first."""
-    xp = model.xp
+    xp, lr = model.xp, optimizer.lr
+    decay = getattr(optimizer, "weight_decay", 0)
     if not all_finite(xp, [u]):
         return "the training batch itself holds NaN or Inf: check the data"
+    if decay and lr * decay >= 1:                        # each step multiplies by 1 - lr lambda <= 0
+        return (f"--weight-decay {decay:g} at learning rate {lr:g} flips the parameters' sign every step "
+                f"(lr times weight decay is {lr * decay:g} >= 1): lower --weight-decay")
     if not math.isfinite(loss):                          # (then the parameters are those before this step)
         largest = max(float(xp.abs(p).max()) for p in model.params.values())
         if largest > 1e6:
@@ -176,7 +182,6 @@ def non_finite_cause(model, u, loss, grads, lr):
     if bad:
         return f"the gradient of {', '.join(bad)} is not finite: lower --lr or --beta, or use --dtype float64"
     return f"the update at learning rate {lr:g} overflowed the parameters: lower --lr"
-
 
 
 def clock(seconds):
@@ -289,6 +294,10 @@ def read_arrays(path):
         if not zipfile.is_zipfile(path):
             raise RoaError(f"{path!r} is not a roa checkpoint (not an .npz archive)")
         with zipfile.ZipFile(path) as archive:
+            inflated, free = sum(member.file_size for member in archive.infolist()), memory_left(numpy)
+            if free is not None and inflated > 0.9 * free:
+                raise RoaError(f"{path!r} would take {inflated / 1e9:.1f} GB once read, but only "
+                               f"{free / 1e9:.1f} GB is free: a damaged checkpoint, or the wrong file")
             for member in archive.infolist():
                 with archive.open(member) as f:
                     major, _ = numpy.lib.format.read_magic(f)
@@ -302,7 +311,7 @@ def read_arrays(path):
             return {k: npz[k] for k in npz.files}
     except RoaError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+    except (OSError, ValueError, EOFError, RuntimeError, NotImplementedError, zipfile.BadZipFile, zlib.error) as err:
         raise RoaError(f"{path!r} is not a readable roa checkpoint ({err})") from None
 
 
@@ -821,8 +830,11 @@ def metrics_log(path, resumed_at=None):
         log = open(path, "a")
     except OSError as err:
         raise RoaError(f"cannot write the metrics log {path!r}: {err.strerror}") from None
-    with log:
-        yield lambda report: print(json.dumps(report), file=log, flush=True)
+    try:
+        with log:
+            yield lambda report: print(json.dumps(report), file=log, flush=True)
+    except OSError as err:                              # (closing: the last bytes would not go to disk)
+        raise RoaError(f"could not finish the metrics log {path!r} ({err})") from None
 
 
 def report_step(line):
@@ -849,7 +861,7 @@ def why_it_ended(err, save):
         signum, = err.args
         return (f"stopped at once by a second {STOP_SIGNALS[signum]}; the last checkpoint saved, if any, "
                 "is as it was", 128 + signum)
-    return "interrupted before training began; nothing was trained", 130
+    return "interrupted outside training; the last checkpoint saved, if any, is as it was", 130
 
 
 @contextlib.contextmanager

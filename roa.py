@@ -61,19 +61,25 @@ class Model:
         self.O = self.xp.asarray(O, dtype=self.dtype)
 
     def set_params(self, arrays):
-        """Copy arrays (NumPy or of this module) into the parameters, in place."""
+        """Copy arrays (NumPy or of this module) into the parameters, in place;
+        each must name a parameter and have its shape."""
         for name, a in arrays.items():
+            if name not in self.params or getattr(a, "shape", None) != self.params[name].shape:
+                wanted = f"shape {self.params[name].shape}" if name in self.params else f"one of {sorted(self.params)}"
+                raise RoaError(f"set_params: {name!r} must be {wanted}, got {getattr(a, 'shape', type(a).__name__)}")
             self.params[name][...] = self.xp.asarray(a)
 
     def check_input(self, u, shape):
         """Inputs u must be an array of this model's module and dtype with the
         shape given (None: any size)."""
         fits = (hasattr(u, "shape") and get_array_module(u) is self.xp and u.dtype == self.dtype
-                and u.ndim == len(shape) and all(n is None or n == m for n, m in zip(shape, u.shape)))
+                and u.ndim == len(shape) and all(n is None or n == m for n, m in zip(shape, u.shape))
+                and min(u.shape) >= 1)
         if not fits:
             got = f"{type(u).__name__} {getattr(u, 'shape', '')} {getattr(u, 'dtype', '')}".strip()
             wanted = "(" + ", ".join("any" if n is None else str(n) for n in shape) + ")"
-            raise RoaError(f"the inputs must be a {self.xp.__name__} {self.dtype} array of shape {wanted}, got {got}")
+            raise RoaError(f"the inputs must be a {self.xp.__name__} {self.dtype} array of shape {wanted}, "
+                           f"no size 0, got {got}")
 
     def readout_forward(self, x, rng):
         """z = V dropout(x) + c; dropout only in a training pass (rng given)."""
@@ -82,8 +88,14 @@ class Model:
         return z, (mask, out_cache)
 
     def readout_backward(self, dz, cache):
-        """dL/dx, dL/dV, dL/dc of readout_forward."""
+        """dL/dx, dL/dV, dL/dc of readout_forward; dz must have the shape of
+        the scores z that forward returned."""
         mask, out_cache = cache
+        z_shape = out_cache[0].shape[:-1] + (self.params["V"].shape[0],)
+        if getattr(dz, "shape", None) != z_shape or get_array_module(dz) is not self.xp:
+            got = f"{type(dz).__name__} {getattr(dz, 'shape', '')}".strip()
+            raise RoaError(f"backward: dz must be dL/dz, a {self.xp.__name__} array of the scores' shape {z_shape}, "
+                           f"got {got}")
         dx, dV, dc = linear_backward(dz, out_cache)
         return dropout_backward(dx, mask), dV, dc
 
@@ -276,7 +288,7 @@ def train_step(model, task, optimizer, seed, step, batch):
         input_grad = float(model.xp.linalg.norm(grads[model.input_layer]))
         optimizer.step(model.params, grads)
     if grads is None or not trained_state_finite(model, optimizer):
-        raise RoaError(f"training stopped at step {step}: {non_finite_cause(model, u, loss, grads, optimizer.lr)}; "
+        raise RoaError(f"training stopped at step {step}: {non_finite_cause(model, u, loss, grads, optimizer)}; "
                        "the last checkpoint saved, if any, is kept as it was")
     return loss, input_grad
 
@@ -509,6 +521,9 @@ def run(args, log=say):
         raise RoaError(f"--average-from {args.average_from} is after the run's last step, {steps}")
     check_memory(args, task, array_module(args.device))
     threads = use_threads(args.threads, args.hidden)
+    if saved and saved.get("threads") not in (None, threads):
+        log(f"roa: resuming with {threads} BLAS thread{'s' * (threads > 1)} where the run had {saved['threads']}: "
+            "sums may round differently, so the run will not end bit for bit as it would have (--threads)")
     model = make_model(args, task)
     optimizer = Adam(args.lr, args.weight_decay, args.clip) if args.optimizer == "adam" else SGD(args.lr, args.clip)
     progress = Progress(WeightAverage(args.average_from) if args.average_from else None)
@@ -526,7 +541,7 @@ def run(args, log=say):
         log(f"roa: starting from the parameters of {args.init} (its step {checkpoint.step}), a fresh optimiser")
     plan = Plan(steps, args.batch, args.seed, args.eval_every, args.lr, args.schedule, args.save_every or 0)
     config = {name: getattr(args, name) for name in TRAINING_FLAGS + PLAN_FLAGS}
-    config["steps"] = steps
+    config.update(steps=steps, threads=threads)
     config.update(data_source(args.data_dir or DEFAULT_DATA_DIR, task))
     unsaved = []                                        # the last save's error, where every place failed
 

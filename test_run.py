@@ -227,6 +227,33 @@ def test_bad_api_arguments_raise_the_projects_error(make, named):
         make()
 
 
+def test_backward_losses_optimisers_and_set_params_check_their_inputs():
+    """The API refuses, in one RoaError naming what is wrong, what would
+    otherwise broadcast into a silently wrong number or climb the loss."""
+    model = roa.RoaRNN(2, 1, 4, 1.0, 0.1, dtype="float64")
+    u = numpy.zeros((5, 3, 2))
+    z, cache = model.forward(u)
+    cases = [
+        (lambda: model.backward(numpy.zeros((3,)), cache), "dz must be dL/dz"),         # (B,) for (B, 1)
+        (lambda: model.backward(numpy.zeros((3, 2)), cache), "shape (3, 1)"),
+        (lambda: model.forward(numpy.zeros((5, 0, 2))), "no size 0"),                 # an empty batch
+        (lambda: model.set_params({"W": numpy.zeros((3, 3))}), "shape (4, 4)"),
+        (lambda: model.set_params({"Q": numpy.zeros((4, 4))}), "one of"),
+        (lambda: ag.mse_loss(numpy.zeros((3, 1)), numpy.zeros(3)), "one shape"),       # (B, 1) against (B,)
+        (lambda: ag.softmax_cross_entropy(numpy.zeros((2, 10)), numpy.array([3, -1])), "0 .. 9"),
+        (lambda: ag.softmax_cross_entropy(numpy.zeros((2, 10)), numpy.array([3, 10])), "0 .. 9"),
+        (lambda: ag.softmax_cross_entropy(numpy.zeros((2, 10)), numpy.array([3.0, 1.0])), "integers"),
+        (lambda: ag.Adam(lr=-1), "lr must be a finite number > 0"),
+        (lambda: ag.SGD(lr=float("nan")), "lr must be"),
+        (lambda: ag.Adam(1e-3, weight_decay=-0.1), "weight_decay must be"),
+        (lambda: ag.SGD(0.1).step({"W": numpy.zeros((2, 2))}, {"W": numpy.zeros(2)}), "shape (2, 2)"),
+        (lambda: ag.Adam(0.1).step({"W": numpy.zeros((2, 2))}, {"V": numpy.zeros((2, 2))}), "one of ['W']"),
+    ]
+    for call, named in cases:
+        with pytest.raises(ag.RoaError, match=re.escape(named)):
+            call()
+
+
 @pytest.mark.parametrize("u, named", [
     (numpy.zeros((5, 3, 3)), "shape (any, any, 2)"),                    # the wrong input size
     (numpy.zeros((3, 2)), "shape (any, any, 2)"),                       # the wrong rank
@@ -694,6 +721,7 @@ def test_a_closed_output_pipe_stops_printing_not_training(tmp_path):
     (["--lr", "1e39"], "at learning rate 1e+39 overflowed"),         # float32: the update itself overflows
     (["--alpha", "1e10", "--length", "60"], "--alpha 10000000000.0 > 1"),
     (["--lr", "1e308", "--dtype", "float64"], "lower --lr"),
+    (["--lr", "1", "--weight-decay", "1e38"], "lower --weight-decay"),
 ])
 def test_non_finite_numbers_stop_the_run_and_are_never_saved(flags, cause, tmp_path, capsys):
     path = tmp_path / "run.npz"
@@ -1024,3 +1052,58 @@ def test_a_curriculum_stopped_at_any_step_resumes_as_the_run_uninterrupted(stop_
 def test_bad_curricula_are_refused_in_one_line(flags, named, capsys):
     code, err, out = run_cli(flags, capsys)
     assert code == 2 and named in err and err.count("\n") == 1 and "step" not in out
+
+
+@settings(max_examples=300)
+@given(st.booleans(), st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 7)), min_size=1, max_size=3))
+def test_a_checkpoint_with_flipped_bits_loads_whole_or_gives_one_clear_error(compress, flips):
+    """Any few bit flips, in a stored or a compressed archive: load_checkpoint
+    returns a checkpoint or raises RoaError, never another exception."""
+    raw = bytearray(small_checkpoint(compress))
+    for position, bit in flips:
+        raw[position % len(raw)] ^= 1 << bit
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "flipped.npz")
+        with open(path, "wb") as f:
+            f.write(raw)
+        try:
+            machinery.load_checkpoint(path)
+        except ag.RoaError:
+            pass
+
+
+SMALL_CHECKPOINTS = {}
+
+
+def small_checkpoint(compress):
+    """The bytes of a tiny run's checkpoint, stored or (as numpy.savez_compressed writes it) deflated."""
+    if compress not in SMALL_CHECKPOINTS:
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "small.npz")
+            assert roa.main(TINY[:-2] + ["--steps", "2", "--save", path, "--quiet"]) == 0
+            if compress:
+                arrays = machinery.read_arrays(path)
+                numpy.savez_compressed(path, **arrays)
+            with open(path, "rb") as f:
+                SMALL_CHECKPOINTS[compress] = f.read()
+    return SMALL_CHECKPOINTS[compress]
+
+
+def test_a_checkpoint_that_would_inflate_past_memory_is_refused_before_reading(tmp_path, monkeypatch):
+    path = tmp_path / "big.npz"
+    path.write_bytes(small_checkpoint(True))
+    monkeypatch.setattr(machinery, "memory_left", lambda xp: 1000)
+    with pytest.raises(ag.RoaError, match="GB once read"):
+        machinery.load_checkpoint(str(path))
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores: --threads may not exceed the machine's")
+def test_a_resume_with_another_thread_count_says_so(tmp_path, capsys):
+    path = str(tmp_path / "run.npz")
+    assert roa.main(TINY + ["--save", path, "--threads", "1", "--quiet"]) == 0
+    assert machinery.load_checkpoint(path).config["threads"] == 1
+    capsys.readouterr()
+    code, _, out = run_cli(["--resume", path, "--steps", "12", "--threads", "2"], capsys)
+    assert code == 0 and "resuming with 2 BLAS threads where the run had 1" in out
+    code, _, out = run_cli(["--resume", path, "--steps", "14", "--threads", "2"], capsys)
+    assert code == 0 and "BLAS threads where" not in out

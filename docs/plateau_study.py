@@ -36,6 +36,8 @@ LEVERS = {      # name: (what it changes, the flags added to the base run at len
     "alpha0.9": ("alpha 0.9 (beta 0.1)", lambda T: ["--alpha", "0.9"]),
     "alpha0.7": ("alpha 0.7, beta 0.3", lambda T: ["--alpha", "0.7", "--beta", "0.3"]),
     "clip1": ("gradients clipped to global norm 1", lambda T: ["--clip", "1"]),
+    "curriculum": ("curriculum T/4, T/2, T (each until val MSE < 0.01)",
+                   lambda T: ["--curriculum", f"{T // 4},{T // 2},{T}"]),
     "beta-sqrtT": ("beta 0.7 / sqrt(T)", lambda T: ["--beta", f"{0.7 / T ** 0.5:.4g}"]),
     "lr5e-3": ("Adam lr 5e-3", lambda T: ["--lr", "5e-3"]),
     "lr1e-3": ("Adam lr 1e-3", lambda T: ["--lr", "1e-3"]),
