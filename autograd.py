@@ -282,6 +282,37 @@ def roa_backward(delta, cache):
     return delta, dW, db
 
 
+ROA_BLOCK = 1000        # layers per roa_forward call in roa_forward_blocks
+
+
+def roa_forward_blocks(x, W, O, b, alpha, beta, act, block=ROA_BLOCK):
+    """roa_forward over the layers `block` at a time, the same numbers: a
+    memory trick for very deep stacks. Each block keeps its own cache, so
+    that roa_backward_blocks can free a block's activations as soon as its
+    weight gradients are formed, and the (L, N, N) weight gradient does not
+    pile up on top of all of them (a 50,000-layer step: test_roa.py pins
+    the peak). Returns x_L (B, N) and the list of the blocks' caches."""
+    caches = []
+    for start in range(0, W.shape[0], block):
+        layers = slice(start, start + block)
+        x, cache = roa_forward(x, W[layers], O[layers], b[layers], alpha, beta, act)
+        caches.append(cache)
+    return x, caches
+
+
+def roa_backward_blocks(delta, caches):
+    """roa_backward through the blocks of roa_forward_blocks, the last block
+    first, each one's dL/dx_0 being the delta of the block below; it empties
+    `caches`. Returns dL/dx_0 (B, N), dL/dW (L, N, N), dL/db (L, N)."""
+    dWs, dbs = [], []
+    while caches:
+        delta, dW, db = roa_backward(delta, caches.pop())
+        dWs.insert(0, dW)
+        dbs.insert(0, db)
+    xp = get_array_module(delta)
+    return delta, xp.concatenate(dWs), xp.concatenate(dbs)
+
+
 def roa_inference(x, W, O, b, alpha, beta, act):
     """roa_forward without the cache, for evaluation: the same operations in
     the same order (so the same numbers, bit for bit), but keeping only the

@@ -19,9 +19,9 @@ from typing import NamedTuple
 
 import numpy
 
-from autograd import (SGD, Adam, RoaError, activation, array_module, dropout_backward, dropout_forward,
+from autograd import (ROA_BLOCK, SGD, Adam, RoaError, activation, array_module, dropout_backward, dropout_forward,
                       get_array_module, linear_backward, linear_forward, random_orthogonal, rnn_backward,
-                      rnn_forward, rnn_inference, roa_backward, roa_forward, roa_inference)
+                      rnn_forward, rnn_inference, roa_backward_blocks, roa_forward_blocks, roa_inference)
 from machinery import (ARCHITECTURE_FLAGS, DEFAULT_DATA_DIR, EVAL_BYTES, check_same_data, data_source, exclusive,
                        same_file, PLAN_FLAGS, TRAINING_FLAGS,
                        StopNow, Stopped, StopSignals, check, check_flags, check_memory, check_task_flags, clock,
@@ -110,9 +110,7 @@ class RoaFNN(Model):
     alpha = 0, beta = 1 is the plain multilayer perceptron baseline.
     """
     input_layer = "W_in"        # the weights the gradient reaches last
-    BLOCK = 1000                # layers per roa_forward call: backward frees each block's kept
-                                # activations once its weight gradients are formed, so the (L, N, N)
-                                # weight gradient does not pile up on top of all of them
+    block = ROA_BLOCK           # layers per block of roa_forward_blocks (a memory trick)
 
     def __init__(self, n_in, n_out, width, depth, alpha, beta, activation="tanh",
                  dtype="float32", seed=0, device="cpu", dropout=0.0):
@@ -142,11 +140,7 @@ class RoaFNN(Model):
         p = self.params
         self.check_input(u, (None, p["W_in"].shape[1]))
         x, in_cache = linear_forward(u, p["W_in"], p["b_in"])
-        roa_caches = []
-        for layers in self.blocks():                    # x_0 -> x_L, BLOCK layers at a time
-            x, block_cache = roa_forward(x, p["W"][layers], self.O[layers], p["b"][layers],
-                                         self.alpha, self.beta, self.act)
-            roa_caches.append(block_cache)
+        x, roa_caches = roa_forward_blocks(x, p["W"], self.O, p["b"], self.alpha, self.beta, self.act, self.block)
         z, out_cache = self.readout_forward(x, rng)
         return z, (in_cache, roa_caches, out_cache)
 
@@ -166,19 +160,9 @@ class RoaFNN(Model):
         in_cache, roa_caches, out_cache = cache
         g = {}
         dx, g["V"], g["c"] = self.readout_backward(dz, out_cache)
-        dWs, dbs = [], []
-        while roa_caches:                               # the last block first
-            dx, dW, db = roa_backward(dx, roa_caches.pop())
-            dWs.insert(0, dW)
-            dbs.insert(0, db)
-        g["W"], g["b"] = self.xp.concatenate(dWs), self.xp.concatenate(dbs)
+        dx, g["W"], g["b"] = roa_backward_blocks(dx, roa_caches)
         _, g["W_in"], g["b_in"] = linear_backward(dx, in_cache)
         return g
-
-    def blocks(self):
-        """Slices of at most BLOCK consecutive layers, covering 0 .. L-1."""
-        L = self.params["b"].shape[0]
-        return [slice(start, min(start + self.BLOCK, L)) for start in range(0, L, self.BLOCK)]
 
 
 class RoaRNN(Model):

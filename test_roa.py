@@ -100,7 +100,7 @@ def assert_gradients_match(model, u, target, loss_name, mask_seed=None):
 
 def fnn_preactivations(model, u):
     """y_l = W_l x_l + b_l of every roa layer, from the cached x_l (of the
-    one block of layers: these nets are shallower than roa.RoaFNN.BLOCK)."""
+    one block of layers: these nets are shallower than ag.ROA_BLOCK)."""
     _, (_, [(xs, _)], _) = model.forward(u)
     return ag.to_numpy(xs[:-1] @ model.params["W"].transpose(0, 2, 1) + model.params["b"][:, None, :])
 
@@ -188,7 +188,7 @@ def test_fnn_scores_and_gradients_equal_the_reference(spec, block):
     activation; inference gives the training forward's scores bit for bit."""
     kwargs, B, data_seed, _ = spec
     model = roa.RoaFNN(**kwargs)
-    model.BLOCK = block
+    model.block = block
     rng = numpy.random.default_rng(data_seed)
     model.set_params({name: rng.standard_normal(model.params[name].shape) for name in ("b_in", "b", "c")})
     u, dz = rng.standard_normal((B, kwargs["n_in"])), rng.standard_normal((B, kwargs["n_out"]))
@@ -387,15 +387,16 @@ def test_fnn_gradients_with_dropout_equal_finite_differences(spec, p, mask_seed)
 
 @given(fnn_specs(), st.integers(1, 3))
 def test_fnn_in_blocks_of_layers_gives_the_same_scores_and_gradients(spec, block):
-    """RoaFNN runs its layers BLOCK at a time, one roa_forward / roa_backward
-    per block, the last block's dL/dx_0 being the next one's delta: any block
-    size gives the scores and gradients of one block of all the layers."""
+    """RoaFNN runs its layers `block` at a time (roa_forward_blocks), one
+    roa_forward / roa_backward per block, the last block's dL/dx_0 being the
+    next one's delta: any block size gives the scores and gradients of one
+    block of all the layers."""
     model, u, target, loss_name = build_case(spec)
     loss, dz, cache = batch_loss(model, u, target, loss_name)
     whole = model.backward(dz, cache)
-    model.BLOCK = block
-    assert len(model.blocks()) == math.ceil(spec[0]["depth"] / block)
+    model.block = block
     block_loss, dz, cache = batch_loss(model, u, target, loss_name)
+    assert len(cache[1]) == math.ceil(spec[0]["depth"] / block)
     assert block_loss == pytest.approx(loss, rel=1e-12)
     for name, grad in model.backward(dz, cache).items():
         assert numpy.allclose(grad, whole[name], rtol=1e-12, atol=1e-300), name
@@ -407,7 +408,7 @@ def test_deep_fnn_step_stays_within_1_5x_of_the_kept_activations():
     alone is half their size: backward frees each block of layers as soon as
     its weight gradients are formed. (Width 32: at smaller widths the few
     Python objects of each layer's cache weigh as much as its arrays.)"""
-    L, N = 2 * roa.RoaFNN.BLOCK, 32
+    L, N = 2 * ag.ROA_BLOCK, 32
     model = roa.RoaFNN(N, 2, N, L, 1.0, 1.0 / L, dtype="float32")
     u = numpy.random.default_rng(0).standard_normal((N, N)).astype(numpy.float32)
     tracemalloc.start()

@@ -11,9 +11,9 @@ MSE reports go to runs/study/LEVER-TLENGTH-seedSEED.jsonl, its checkpoints
 to the .npz beside it (a finished log is not run again; a run cut short is
 resumed from its checkpoint, and a longer STEPS extends the finished ones). A seed has *escaped* the plateau (0.167, the loss of
 always answering 1) at the first report whose validation MSE is below
-ESCAPE; the table gives, per lever and length, the seeds escaped, the
-median escape step of those seeds, and the median of every seed's best
-validation MSE. Validation only: no test score is looked at here.
+ESCAPE at length T (a curriculum's reports at shorter lengths do not count);
+the table gives, per lever and length, the seeds escaped, the median escape
+step of those seeds, and the median of every seed's best validation MSE at T. Validation only: no test score is looked at here.
 """
 
 import argparse
@@ -98,7 +98,8 @@ def table(levers, lengths):
                 if not r or r[-1]["step"] != STEPS:
                     continue
                 runs += 1
-                bests.append(min(x["val_metric"] for x in r))
+                r = [x for x in r if x.get("length", T) == T]     # (a curriculum's reports at length T)
+                bests.append(min((x["val_metric"] for x in r), default=float("nan")))
                 below = [x["step"] for x in r if x["val_metric"] < ESCAPE]
                 if below:
                     escapes.append(below[0])
