@@ -68,7 +68,7 @@ PATH = (lambda v: v is None or (isinstance(v, str) and v != ""), "a path")
 RULES = {
     "n_in": SIZE, "n_out": SIZE, "width": SIZE, "hidden": SIZE, "depth": SIZE, "length": SIZE, "batch": SIZE,
     "steps": SIZE, "epochs": SIZE, "eval_every": SIZE, "save_every": SIZE, "validation": SIZE,
-    "average_from": (COUNT[0], "an integer >= 0 (0: no weight average)"), "seed": COUNT,
+    "average_from": (lambda v: is_real(v) and 0 <= v < 1, "a fraction of the run >= 0 and < 1 (0: no weight average)"), "seed": COUNT,
     "alpha": NON_NEGATIVE, "beta": POSITIVE, "lr": POSITIVE, "weight_decay": NON_NEGATIVE,
     "clip": (NON_NEGATIVE[0], "a finite number >= 0 (0: no clipping)"),
     "dropout": (lambda v: is_real(v) and 0 <= v < 1, "a number >= 0 and < 1"),
@@ -449,9 +449,10 @@ def parse_args(argv):
                    "gradients down to this global norm where theirs is larger (default 0: no clipping)")
     p.add_argument("--dropout", type=flag_type("dropout"), help="in training, the probability of "
                    "zeroing each input of the readout (inverted dropout; default 0)")
-    p.add_argument("--average-from", type=flag_type("average_from"), metavar="STEP", help="from this step "
-                   "on, each validation report folds the parameters into their running mean (stochastic "
-                   "weight averaging) and validates that mean, which the test may then score (default 0: off)")
+    p.add_argument("--average-from", type=flag_type("average_from"), metavar="FRACTION", help="from this "
+                   "fraction of the run's steps on (0.5: the second half), each validation report folds the "
+                   "parameters into their running mean (stochastic weight averaging) and validates that mean, "
+                   "which the test may then score (default 0: off)")
     p.add_argument("--batch", type=flag_type("batch"), help="mini-batch size")
     p.add_argument("--steps", type=flag_type("steps"), help="training steps in all (given on --resume: "
                    "a longer run than the checkpoint's plan)")
@@ -800,7 +801,7 @@ def continue_progress(model, optimizer, progress, checkpoint, path):
     average = progress.average
     if average and progress.step >= average.start and not checkpoint.average:
         raise RoaError(f"{path!r} is at step {progress.step} but holds no weight average; "
-                       f"--average-from must be after it (got {average.start})")
+                       f"--average-from must start after it (got step {average.start})")
     if average and checkpoint.average:
         count = checkpoint.average.get("count")
         if count is None or count.shape != () or count.dtype.kind not in "iu" or count < 0:

@@ -315,10 +315,11 @@ class WeightAverage:
             self.mean[k] += (p - self.mean[k]) / self.count
 
     def state(self):
-        return {"count": self.count, **{f"mean.{k}": a for k, a in self.mean.items()}}
+        return {"count": self.count, "start": self.start, **{f"mean.{k}": a for k, a in self.mean.items()}}
 
     def load_state(self, state, xp):
         self.count = int(state["count"])
+        self.start = int(state.get("start", self.start))       # (a resume that extends the run keeps it)
         self.mean = {k: xp.asarray(a) for k, a in unprefixed("mean", state).items()}
 
 
@@ -501,8 +502,6 @@ def run(args, log=say):
         check_same_data(saved, task, args.resume)
     steps = planned_steps(args, task, saved)
     args.eval_every = args.eval_every or max(1, steps // 20)
-    if args.average_from > steps:
-        raise RoaError(f"--average-from {args.average_from} is after the run's last step, {steps}")
     check_memory(args, task, array_module(args.device))
     threads = use_threads(args.threads, args.hidden)
     if saved and saved.get("threads") not in (None, threads):
@@ -510,7 +509,8 @@ def run(args, log=say):
             "sums may round differently, so the run will not end bit for bit as it would have (--threads)")
     model = make_model(args, task)
     optimizer = Adam(args.lr, args.weight_decay, args.clip) if args.optimizer == "adam" else SGD(args.lr, args.clip)
-    progress = Progress(WeightAverage(args.average_from) if args.average_from else None)
+    average_start = max(1, math.ceil(args.average_from * steps))        # the fraction's first step
+    progress = Progress(WeightAverage(average_start) if args.average_from else None)
     if checkpoint:
         restore(model, source, checkpoint.params, checkpoint.filters)
     if args.resume:

@@ -121,9 +121,10 @@ def bad_inputs(tmp_path):
         (TINY + ["--optimizer", "sgd", "--weight-decay", "0.1"], "--weight-decay 0.1"),
         (TINY + ["--dropout", "1"], "dropout"), (TINY + ["--dropout", "-0.1"], "-0.1"),
         (TINY + ["--resume", str(tmp_path / "good.npz"), "--dropout", "0.5"], "--dropout 0.5"),
-        (TINY + ["--average-from", "11"], "--average-from 11"), (TINY + ["--average-from", "-1"], "--average-from"),
-        (TINY + ["--resume", str(tmp_path / "good.npz"), "--average-from", "5"], "--average-from 5"),
-        (TINY + ["--resume", str(legacy), "--steps", "20", "--average-from", "5"], "no weight average"),
+        (TINY + ["--average-from", "1"], "--average-from: '1'"), (TINY + ["--average-from", "-1"], "--average-from"),
+        (TINY + ["--average-from", "11"], "a fraction of the run"),
+        (TINY + ["--resume", str(tmp_path / "good.npz"), "--average-from", "0.5"], "--average-from 0.5"),
+        (TINY + ["--resume", str(legacy), "--steps", "20", "--average-from", "0.25"], "no weight average"),
         (TINY + ["--resume", str(tmp_path / "good.npz"), "--weight-decay", "0.1"], "--weight-decay 0.1"),
         (["--task", "psmnist", "--data-dir", str(mnist), "--validation", "8", "--batch", "64",
           "--steps", "2"], "--batch"),
@@ -370,14 +371,17 @@ def test_averaged_run_validates_and_scores_the_mean_of_the_reported_parameters()
     assert all(numpy.array_equal(model.params[k], after[10][k]) for k in model.params)
 
 
-def test_resume_keeps_the_weight_average(tmp_path):
-    """10 steps with averaging from step 3 in one go == 6 steps, save, resume to 10:
-    the checkpoint carries the running mean and its count."""
-    flags = TINY[:-1] + ["{steps}", "--dtype", "float64", "--eval-every", "2", "--average-from", "3",
-                         "--quiet", "--save"]
+def test_resume_keeps_the_weight_average(tmp_path, monkeypatch):
+    """10 steps with averaging from step 3 (--average-from 0.3) in one go == stopped after step 6 and
+    resumed: the checkpoint carries the running mean, its count and its start."""
+    flags = TINY + ["--dtype", "float64", "--eval-every", "2", "--average-from", "0.3", "--quiet", "--save"]
     one, two = str(tmp_path / "one.npz"), str(tmp_path / "two.npz")
-    run = (lambda steps, *more: roa.main([f.format(steps=steps) for f in flags] + list(more)))
-    assert run(10, one) == 0 and run(6, two) == 0 and run(10, two, "--resume", two) == 0
+    assert roa.main(flags + [one]) == 0
+    signal_at(monkeypatch, [6])
+    assert roa.main(flags + [two]) == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    assert int(machinery.load_checkpoint(two).average["start"]) == 3
+    assert roa.main(["--resume", two, "--steps", "10", "--quiet"]) == 0
     average_one, average_two = machinery.load_checkpoint(one).average, machinery.load_checkpoint(two).average
     assert int(average_one["count"]) == 4                  # the reports at steps 4, 6, 8, 10
     assert average_one.keys() == average_two.keys()
@@ -487,7 +491,7 @@ def test_a_run_stopped_at_any_step_and_resumed_ends_as_the_run_uninterrupted(sto
     and its test metric), bit for bit in float64; with dropout, reports every
     2 steps and, drawn, a weight average."""
     flags = TINY[:-2] + ["--steps", "24", "--dtype", "float64", "--dropout", "0.2", "--eval-every", "2",
-                         "--lr", "0.2"] + (["--average-from", "7"] if average else [])
+                         "--lr", "0.2"] + (["--average-from", "0.29"] if average else [])
     with tempfile.TemporaryDirectory() as folder, pytest.MonkeyPatch.context() as monkeypatch:
         whole, stopped = (os.path.join(folder, name) for name in ("whole.npz", "stopped.npz"))
         capture = []

@@ -1,22 +1,27 @@
 """docs/figures.py -- the pictures of docs/RESULTS.md, computed by the engine itself.
 
     python -m pip install -r requirements-plots.txt
-    python docs/figures.py                               # figures 1-3 at initialisation, into runs/figures/
+    python docs/figures.py                               # figures 1-3, quick: under 1 minute, about 1.1 GB
+    python docs/figures.py --full                        # at the paper's scale: about 11 minutes, 10 GB
     python docs/figures.py --trained runs/deep.npz       # figure 3 also after training (a deepmlp checkpoint)
-    python docs/figures.py --curves runs/a.jsonl runs/b.jsonl     # figure 4: learning curves from --metrics logs
-    python docs/figures.py --curves runs/a.jsonl+runs/b.jsonl     # a curriculum: b started from a (--init)
+    python docs/figures.py --curves runs/adding-roa.jsonl runs/adding-vanilla.jsonl ...   # figure 4
     python docs/figures.py --out docs/figures ...        # over the figures that docs/RESULTS.md shows
 
 Writes PNG files into --out (default runs/figures/, which git ignores):
 1. gradient_vs_depth.png: the norm of dL/dW_l reaching each layer l of a
-   deep roaFNN and of the plain MLP of the same depth, at initialisation;
+   deep roaFNN and of the plain MLP of the same depth, at initialisation
+   (depth 5,000; --full: 50,000);
 2. gradient_vs_lag.png: the largest and smallest singular value of
    d h_T / d h_{T-k} against the lag k, roaRNN against vanilla RNN, with
-   the bounds of MATH.md section 4;
-3. jacobian_singular_values.png: every singular value of the roaFNN's
-   input-output Jacobian, at initialisation (and after training), inside
-   the section 4 bounds;
-4. learning_curves.png: validation metric against step for each log.
+   the bounds of MATH.md section 4 (lags to 2,000; --full: 10,000);
+3. jacobian_singular_values.png: every singular value of the input-output
+   Jacobian of a roaFNN of depth 100 with beta = 0.5 / L, where the
+   section 4 bounds are informative (beta gamma ||W|| L about 1), between
+   those bounds, at initialisation (and, with --trained, after training);
+4. learning_curves.png: one panel per task, the validation metric of each
+   --metrics log against the step; a log's panel is the first word of its
+   file name before "-" (adding-roa.jsonl and adding-vanilla.jsonl share
+   the panel "adding").
 """
 
 import argparse
@@ -117,26 +122,26 @@ def jacobian_and_bounds(model):
 
 
 def figure_singular_values(plt, depth, trained, out):
-    """With a trained checkpoint, the initial model is that run's own model at step 0."""
-    shape = dict(width=64, depth=depth, alpha=1.0, beta=5 / depth, activation="tanh", dtype="float64", seed=0)
-    if trained:
-        config, step, params, optim, filters, _ = roa.load_checkpoint(trained)
-        shape = dict(width=config["hidden"], depth=config["depth"], alpha=config["alpha"], beta=config["beta"],
-                     activation=config["activation"], dtype=config["dtype"], seed=config["seed"])
+    """With a trained checkpoint, its model beside the same model at initialisation."""
+    shape = dict(width=64, depth=depth, alpha=1.0, beta=0.5 / depth, activation="tanh", dtype="float64", seed=0)
     models = [("at initialisation", roa.RoaFNN(784, 10, **shape))]
     if trained:
-        model = roa.RoaFNN(784, 10, **shape)
-        roa.restore(model, trained, params, filters)
-        models.append((f"after {step} training steps", model))
+        model, config = roa.load_model(trained)
+        if config["task"] != "deepmlp":
+            sys.exit(f"figures.py: --trained {trained!r} is a {config['task']} checkpoint; figure 3 needs a deepmlp one")
+        models = [("at initialisation", roa.RoaFNN(784, 10, config["hidden"], config["depth"], config["alpha"],
+                                                   config["beta"], config["activation"], seed=config["seed"])),
+                  ("after training", model)]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for i, (label, model) in enumerate(models):
+    for label, model in models:
         s, lower, upper = jacobian_and_bounds(model)
-        dots = ax.plot(numpy.arange(len(s)), s, "o", ms=3, label=f"{label}, L {model.O.shape[0]:,}")[0]
-        ax.axhline(upper, color=dots.get_color(), ls="--", lw=1, label=f"bounds: {lower:.3g} .. {upper:.3g}")
+        dots = ax.plot(numpy.arange(1, len(s) + 1), s, "o", ms=3,
+                       label=f"{label} (L {model.O.shape[0]:,}, beta {model.beta:g})")[0]
+        ax.axhline(upper, color=dots.get_color(), ls="--", lw=1, label=f"bounds {lower:.3g} .. {upper:.3g}")
         if lower > 0:           # with a factor alpha - beta gamma ||W_l|| <= 0 there is no lower bound
             ax.axhline(lower, color=dots.get_color(), ls="--", lw=1)
-    ax.set(yscale="log", xlabel="index", ylabel="singular value of d x_L / d x_0",
-           title="roaFNN input-output Jacobian against the section 4 bounds")
+    ax.set(xlabel="index i", ylabel="singular value s_i of d x_L / d x_0",
+           title="Every singular value lies between the section 4 bounds")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -162,25 +167,30 @@ def read_stages(curve):
 
 
 def figure_curves(plt, curves, out):
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
+    """One panel per task (the first word of a log's file name), each log's
+    validation metric against the step; MSE on a log axis."""
+    panels = {}
     for curve in curves:
-        rows = read_stages(curve)
-        steps = [r["step"] for r in rows]
-        label = " + ".join(os.path.splitext(os.path.basename(path))[0] for path in curve.split("+"))
-        ax_loss.plot(steps, [r["val_loss"] for r in rows], label=label)
-        ax_metric.plot(steps, [r["val_metric"] for r in rows], label=label)
-    ax_loss.set(xlabel="step", ylabel="validation loss", yscale="log")
-    ax_metric.set(xlabel="step", ylabel="validation metric (MSE or accuracy)")
-    ax_metric.legend(fontsize=8)
+        panels.setdefault(os.path.basename(curve).split("-")[0].split(".")[0], []).append(curve)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (task, logs) in zip(axes[0], panels.items()):
+        for curve in logs:
+            rows = read_stages(curve)
+            label = os.path.splitext(os.path.basename(curve))[0][len(task) + 1:] or task
+            ax.plot([r["step"] for r in rows], [r["val_metric"] for r in rows], label=label)
+        mse = task == "adding"
+        ax.set(xlabel="step", ylabel="validation MSE" if mse else "validation accuracy", title=task,
+               yscale="log" if mse else "linear")
+        ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--depth", type=int, default=50000, help="depth of figure 1 (default 50,000)")
-    p.add_argument("--jacobian-depth", type=int, default=1000, help="depth of figure 3 at initialisation")
-    p.add_argument("--lag", type=int, default=10000, help="longest lag of figure 2 (default 10,000)")
+    p.add_argument("--full", action="store_true", help="figures 1 and 2 at the paper's scale: depth 50,000, "
+                   "lags to 10,000 (about 11 minutes and 10 GB; default: depth 5,000, lags to 2,000, about "
+                   "1 minute and 1.1 GB)")
     p.add_argument("--trained", help="a deepmlp checkpoint for figure 3")
     p.add_argument("--curves", nargs="*", default=[], help="--metrics logs for figure 4; logs joined by + "
                    "are the stages of one curriculum, drawn end to end")
@@ -192,9 +202,9 @@ def main():
         read_stages(curve)
     plt = pyplot()
     os.makedirs(args.out, exist_ok=True)
-    figure_depth(plt, args.depth, os.path.join(args.out, "gradient_vs_depth.png"))
-    figure_lag(plt, args.lag, os.path.join(args.out, "gradient_vs_lag.png"))
-    figure_singular_values(plt, args.jacobian_depth, args.trained,
+    figure_depth(plt, 50000 if args.full else 5000, os.path.join(args.out, "gradient_vs_depth.png"))
+    figure_lag(plt, 10000 if args.full else 2000, os.path.join(args.out, "gradient_vs_lag.png"))
+    figure_singular_values(plt, 100, args.trained,
                            os.path.join(args.out, "jacobian_singular_values.png"))
     if args.curves:
         figure_curves(plt, args.curves, os.path.join(args.out, "learning_curves.png"))

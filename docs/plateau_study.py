@@ -38,7 +38,7 @@ LEVERS = {      # name: (what it changes, the flags added to the base run at len
     "clip1": ("gradients clipped to global norm 1", lambda T: ["--clip", "1"]),
     "curriculum": ("curriculum T/4, T/2, T (each until val MSE < 0.01)",
                    lambda T: ["--curriculum", f"{T // 4},{T // 2},{T}"]),
-    "beta-sqrtT": ("beta 0.7 / sqrt(T)", lambda T: ["--beta", f"{0.7 / T ** 0.5:.4g}"]),
+    "beta-sqrtT": ("beta 0.3 / sqrt(T)", lambda T: ["--beta", f"{0.3 / T ** 0.5:.4g}"]),
     "lr5e-3": ("Adam lr 5e-3", lambda T: ["--lr", "5e-3"]),
     "lr1e-3": ("Adam lr 1e-3", lambda T: ["--lr", "1e-3"]),
     "batch256": ("batch 256", lambda T: ["--batch", "256"]),
