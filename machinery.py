@@ -484,18 +484,19 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def available_cores():
+def available_cores(root="/sys/fs/cgroup"):
     """The CPU cores this process may really use: those of its affinity mask,
     capped by a container's CPU quota (cgroup v2 cpu.max, or v1 cpu.cfs_quota_us)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     quota = None
     with contextlib.suppress(OSError, ValueError, IndexError):
-        with open("/sys/fs/cgroup/cpu.max") as f:                       # cgroup v2: "max 100000" or "200000 100000"
+        with open(os.path.join(root, "cpu.max")) as f:                   # cgroup v2: "max 100000" or "200000 100000"
             limit, period = f.read().split()[:2]
             quota = None if limit == "max" else int(limit) / int(period)
     if quota is None:
         with contextlib.suppress(OSError, ValueError):
-            with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as q, open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as p:
+            with open(os.path.join(root, "cpu", "cpu.cfs_quota_us")) as q, \
+                    open(os.path.join(root, "cpu", "cpu.cfs_period_us")) as p:
                 limit, period = int(q.read()), int(p.read())
                 quota = limit / period if limit > 0 else None
     return max(1, min(cores, int(quota))) if quota else cores

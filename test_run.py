@@ -1111,3 +1111,110 @@ def test_a_resume_with_another_thread_count_says_so(tmp_path, capsys):
     assert code == 0 and "resuming with 2 BLAS threads where the run had 1" in out
     code, _, out = run_cli(["--resume", path, "--steps", "14", "--threads", "2"], capsys)
     assert code == 0 and "BLAS threads where" not in out
+
+
+# ------------------------------------------- constants that fix every number
+
+def test_the_held_out_sets_and_the_permutation_are_these_numbers():
+    """The data every reported number was scored on: the first values of the
+    adding problem's validation and test sets (T = 10), of the copying
+    memory's symbols, and psMNIST's pixel order."""
+    adding = tasks.Adding(10)
+    assert adding.validation[0][:2, 0].tolist() == [[0.7687685677317451, 0.0], [0.3199266583422319, 0.0]]
+    assert adding.validation[1][:2].ravel().tolist() == [1.3800228814519961, 0.08033197549627602]
+    assert adding.test[0][:2, 0].tolist() == [[0.5821200225237724, 0.0], [0.45135609693623713, 0.0]]
+    assert tasks.Copy(5).validation[0][:10, 0].argmax(-1).tolist() == [5, 5, 6, 5, 6, 4, 1, 2, 3, 5]
+    assert tasks.pixel_permutation(0)[:8].tolist() == [318, 2, 606, 446, 758, 13, 98, 539]
+    assert tasks.HELD_OUT == 1000
+
+
+def test_the_mnist_tasks_constants(tmp_path):
+    """10 classes; 5,000 validation images by default; deepmlp's pixels
+    scaled by 1/255 into [0, 1]; the models' default seed is 0."""
+    write_fake_mnist(tmp_path, 12, 6)
+    deep = tasks.DeepMNIST(str(tmp_path), validation_size=4)
+    assert deep.n_out == tasks.PsMNIST.n_out == 10
+    images = numpy.array([[[0, 255, 51] + [0] * 25] * 28], dtype=numpy.uint8)
+    assert deep.inputs(images)[0, :3].tolist() == [0.0, 1.0, 0.2]
+    assert machinery.fill_defaults(machinery.parse_args(["--task", "psmnist"])).validation == 5000
+    default, zero, one = (roa.RoaRNN(2, 1, 4, 1.0, 0.1, **seed) for seed in ({}, {"seed": 0}, {"seed": 1}))
+    assert numpy.array_equal(default.params["W"], zero.params["W"])
+    assert not numpy.array_equal(default.params["W"], one.params["W"])
+
+
+@pytest.mark.parametrize("task, metric, epochs, solved", [
+    (tasks.Adding(5), 0.01, None, False), (tasks.Adding(5), 0.00999, None, True),
+    (tasks.Copy(5), 0.99, None, True), (tasks.Copy(5), 0.98999, None, False),
+])
+def test_verdicts_at_their_thresholds(task, metric, epochs, solved):
+    assert task.solved(metric, epochs) == solved
+
+
+def test_psmnist_verdicts_and_their_words(tmp_path):
+    write_fake_mnist(tmp_path, 12, 6)
+    ps = tasks.PsMNIST(str(tmp_path), validation_size=4)
+    assert ps.solved(0.94, 1) and not ps.solved(0.9399, 1) and not ps.solved(0.97, 10) and ps.solved(0.98, 10)
+    assert ps.criterion(1) == "test accuracy >= 94 %, the paper's claim after one epoch"
+    assert ps.criterion(10) == "test accuracy >= 98 %, the paper's claim after 10 epochs"
+    assert tasks.Adding(5).criterion() == "test MSE < 0.01" and tasks.Copy(5).criterion() == "recall accuracy >= 99 %"
+
+
+def test_the_clock_and_short_lengths():
+    assert [machinery.clock(s) for s in (0, 59, 61, 3599, 3600, 3661, 36000)] == \
+        ["0:00", "0:59", "1:01", "59:59", "1:00:00", "1:01:01", "10:00:00"]
+    assert roa.main(["--task", "adding", "--length", "2", "--hidden", "4", "--steps", "2", "--quiet"]) == 0
+
+
+def test_a_label_outside_0_to_9_is_refused(tmp_path, capsys):
+    write_fake_mnist(tmp_path, 12, 6)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(numpy.array([1, 2, 10, 3, 4, 5])))
+    code, err, _ = run_cli(["--task", "psmnist", "--steps", "1", "--data-dir", str(tmp_path)], capsys)
+    assert code == 2 and "labels must be integers 0-9, got 10" in err
+
+
+@pytest.mark.parametrize("width, cores, threads", [
+    (1023, 8, 1), (1024, 8, 4), (1024, 3, 1), (1024, 4, 2), (4096, 16, 4), (64, 64, 1)])
+def test_the_thread_rule_at_its_thresholds(width, cores, threads):
+    assert machinery.auto_threads(width, cores) == threads
+
+
+def test_available_cores_reads_the_cgroup_cpu_quota(tmp_path):
+    cores = len(os.sched_getaffinity(0))
+    assert machinery.available_cores(str(tmp_path)) == cores                 # no quota files
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert machinery.available_cores(str(tmp_path)) == cores
+    (tmp_path / "cpu.max").write_text("150000 100000\n")                    # 1.5 cores: 1
+    assert machinery.available_cores(str(tmp_path)) == 1
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert machinery.available_cores(str(tmp_path)) == 1
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert machinery.available_cores(str(tmp_path)) == cores
+
+
+def test_the_memory_estimate_counts_adam_and_the_average_as_whole_copies():
+    """Adam's two moments and the weight average are each a copy of the
+    weights; evaluation's chunk is capped at EVAL_BYTES."""
+    def need(*flags):
+        args = machinery.fill_defaults(machinery.parse_args(["--task", "adding", "--length", "50", *flags]))
+        return machinery.memory_needed(args, roa.make_task(args, print))[0]
+    weights = 64 * (64 + 2 + 1) * 4                                            # N (N + n_in + n_out), float32
+    assert need() - need("--optimizer", "sgd") == 2 * weights
+    assert need("--average-from", "0.5") - need() == weights
+    args = machinery.fill_defaults(machinery.parse_args(["--task", "adding", "--length", "100000", "--batch", "1"]))
+    task = roa.make_task(args, print)
+    held_out = 2 * tasks.HELD_OUT * 100000 * 2 * 8
+    assert machinery.memory_needed(args, task)[0] <= held_out + 7 * weights + 2 * machinery.EVAL_BYTES + \
+        machinery.kept_bytes(100000, 1, 64, "float32") + 100000 * 64 * 4
+
+
+def test_a_checkpoint_whose_adam_second_moment_holds_exact_zeros_resumes(tmp_path):
+    """A dead unit leaves v = 0 exactly: that is a valid state, not damage."""
+    path = str(tmp_path / "run.npz")
+    assert roa.main(TINY + ["--save", path, "--quiet"]) == 0
+    arrays = machinery.read_arrays(path)
+    arrays["optim.v.W"][0] = 0.0
+    numpy.savez(path, **arrays)
+    assert roa.main(["--resume", path, "--steps", "12", "--quiet"]) == 0
