@@ -184,6 +184,14 @@ def non_finite_cause(model, u, loss, grads, optimizer):
     return f"the update at learning rate {lr:g} overflowed the parameters: lower --lr"
 
 
+def pace_line(examples, train_seconds, elapsed, done, left):
+    """The end of a progress line: training examples per second of training
+    (evaluation excluded), the time since the run (re)started, and the time
+    left if the `left` steps go as the `done` ones went."""
+    return (f"{examples / train_seconds:,.0f} ex/s  elapsed {clock(elapsed)}  "
+            f"ETA {clock(elapsed / done * left)}")
+
+
 def clock(seconds):
     minutes, seconds = divmod(int(seconds), 60)
     return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"

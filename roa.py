@@ -22,13 +22,12 @@ import numpy
 from autograd import (ROA_BLOCK, SGD, Adam, RoaError, activation, array_module, dropout_backward, dropout_forward,
                       get_array_module, linear_backward, linear_forward, random_orthogonal, rnn_backward,
                       rnn_forward, rnn_inference, roa_backward_blocks, roa_forward_blocks, roa_inference)
-from machinery import (ARCHITECTURE_FLAGS, DEFAULT_DATA_DIR, EVAL_BYTES, check_same_data, data_source, exclusive,
-                       same_file, PLAN_FLAGS, TRAINING_FLAGS,
-                       StopNow, Stopped, StopSignals, check, check_flags, check_memory, check_task_flags, clock,
-                       continue_progress, fill_defaults, filter_fingerprint, kept_bytes, load_checkpoint,
-                       non_finite_cause, parse_args, planned_steps, prepare_output, restore, resume_plan,
-                       save_checkpoint, say, trained_state_finite, unprefixed, use_threads,
-                       metrics_log, why_it_ended)
+from machinery import (ARCHITECTURE_FLAGS, DEFAULT_DATA_DIR, EVAL_BYTES, PLAN_FLAGS, TRAINING_FLAGS, StopNow,
+                       StopSignals, Stopped, check, check_flags, check_memory, check_same_data, check_task_flags,
+                       clock, continue_progress, data_source, exclusive, fill_defaults, filter_fingerprint,
+                       kept_bytes, load_checkpoint, metrics_log, non_finite_cause, pace_line, parse_args,
+                       planned_steps, prepare_output, restore, resume_plan, same_file, save_checkpoint, say,
+                       trained_state_finite, unprefixed, use_threads, why_it_ended)
 from tasks import MNIST, Adding, Copy, Curriculum, DeepMNIST, PsMNIST, on_device, random_stream
 
 
@@ -380,8 +379,7 @@ def train(model, task, optimizer, plan, progress, log=say, save=None, record=Non
             train_seconds += time.time() - tick
             done = step - first
             elapsed = time.time() - start
-            pace = (f"{done * plan.batch / train_seconds:,.0f} ex/s  elapsed {clock(elapsed)}  "
-                    f"ETA {clock(elapsed / done * (plan.steps - step))}")
+            pace = pace_line(done * plan.batch, train_seconds, elapsed, done, plan.steps - step)
             if step % plan.eval_every == 0 or step == plan.steps:
                 candidate, averaged = model.params, 0
                 if average and step >= average.start:

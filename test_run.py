@@ -1159,6 +1159,11 @@ def test_psmnist_verdicts_and_their_words(tmp_path):
     assert tasks.Adding(5).criterion() == "test MSE < 0.01" and tasks.Copy(5).criterion() == "recall accuracy >= 99 %"
 
 
+def test_the_progress_numbers():
+    assert machinery.pace_line(6400, 2.0, 100.0, 50, 150) == "3,200 ex/s  elapsed 1:40  ETA 5:00"
+    assert machinery.pace_line(64, 0.5, 3600.0, 1, 1) == "128 ex/s  elapsed 1:00:00  ETA 1:00:00"
+
+
 def test_the_clock_and_short_lengths():
     assert [machinery.clock(s) for s in (0, 59, 61, 3599, 3600, 3661, 36000)] == \
         ["0:00", "0:59", "1:01", "59:59", "1:00:00", "1:01:01", "10:00:00"]
