@@ -708,7 +708,8 @@ def memory_needed(args, task):
     average and the filters O; and at its peak the largest of model
     construction (W, then O, drawn in float64 beside their copies),
     a training step (the activations kept for backprop; for the roaRNN also
-    the input terms U u_t + b of every step) and a chunk of evaluation.
+    the input terms U u_t + b and the gradients dy_t of every step) and a
+    chunk of evaluation.
     Returns (bytes, what the bytes are, in words)."""
     item = numpy.dtype(args.dtype).itemsize
     shape, N = task.input_shape(args.batch), args.hidden
@@ -721,7 +722,7 @@ def memory_needed(args, task):
     else:
         T = shape[0]
         weights = N * (N + n_in + task.n_out)
-        kept = kept_bytes(T, args.batch, N, args.dtype) + T * args.batch * N * item
+        kept = kept_bytes(T, args.batch, N, args.dtype) + 2 * T * args.batch * N * item
         per_example = T * (n_in + 2 * N + task.n_out) * item
         construction = 4 * N * N * 8
     if isinstance(task.stages[-1], Synthetic):          # drawn when first used, in float64 (each stage's)
