@@ -26,7 +26,7 @@ settings.register_profile("dev", max_examples=100, deadline=None,
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 seeds = st.integers(0, 2**31 - 1)
-alphas = st.one_of(st.just(0.0), st.floats(0.0, 1.5))
+alphas = st.one_of(st.just(0.0), st.floats(0.0, 1.5, allow_subnormal=False))   # (subnormals carry no relative precision)
 betas = st.floats(0.05, 1.5)
 activations = st.sampled_from(sorted(ag.ACTIVATIONS))
 
