@@ -77,6 +77,7 @@ RULES = {
                                                                                      for T in v)
                                            and all(a < b for a, b in zip(v, v[1:]))),
                    "two or more lengths >= 2, growing, such as 100,200,500"),
+    "advance_at": (lambda v: v is None or is_real(v) and v >= 0, "a finite number >= 0"),
     "schedule": one_of(SCHEDULES), "readout": one_of(READOUTS), "task": one_of(TASKS), "save": PATH, "metrics": PATH, "threads": SIZE,
 }
 
@@ -389,7 +390,7 @@ def check_shapes(model, path, params, what="parameter"):
 # what a checkpoint's parameters fix: starting from them (--init) with another value is a mistake
 ARCHITECTURE_FLAGS = ("task", "hidden", "depth", "alpha", "beta", "activation", "dtype", "seed")
 # what a checkpoint's run fixes: resuming it (--resume) with another value is a mistake
-TRAINING_FLAGS = ARCHITECTURE_FLAGS + ("length", "curriculum", "optimizer", "lr", "schedule", "weight_decay", "clip", "dropout",
+TRAINING_FLAGS = ARCHITECTURE_FLAGS + ("length", "curriculum", "advance_at", "optimizer", "lr", "schedule", "weight_decay", "clip", "dropout",
                                        "batch", "average_from", "eval_every", "validation")
 # what a checkpoint keeps besides: the run's length (a resume may extend it) and its outputs (a resume may change them)
 PLAN_FLAGS = ("steps", "epochs", "save", "save_every", "metrics")
@@ -441,6 +442,9 @@ def parse_args(argv):
     p.add_argument("--curriculum", type=lengths, metavar="T1,T2,...", help="train at each length in turn, "
                    "moving on when the validation metric solves it; the run is scored at the last, which is its "
                    "--length (adding, copy)")
+    p.add_argument("--advance-at", type=flag_type("advance_at"), metavar="METRIC", help="with --curriculum: "
+                   "move on to the next length when the validation metric reaches this (an MSE below it, an "
+                   "accuracy at or above it; default: when the length is solved)")
     p.add_argument("--hidden", type=flag_type("hidden"), help="hidden size N (the width, for deepmlp)")
     p.add_argument("--depth", type=flag_type("depth"), help="number of roa layers L (deepmlp)")
     p.add_argument("--alpha", type=flag_type("alpha"), help="weight of the orthogonal filter, >= 0")
@@ -568,6 +572,8 @@ def check_flags(args):
         raise RoaError(f"--steps {args.steps} and --epochs {args.epochs} both say how long to train: give one")
     if args.resume and args.init:
         raise RoaError("--resume continues a run and --init starts a new one from its parameters: give one")
+    if args.advance_at is not None and not args.curriculum and not args.resume:
+        raise RoaError(f"--advance-at {args.advance_at} moves a curriculum on: give --curriculum too")
     if args.curriculum and args.length not in (None, args.curriculum[-1]):
         raise RoaError(f"--length {args.length} is not the curriculum's last length, {args.curriculum[-1]}: "
                        "leave --length out")

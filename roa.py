@@ -287,6 +287,7 @@ class Plan(NamedTuple):
     lr: float
     schedule: str = "constant"  # or "cosine": see learning_rate
     save_every: int = 0         # 0: save only at the end (and when stopped)
+    advance_at: float = None    # a curriculum's stage ends at this validation metric (None: when solved)
 
 
 def learning_rate(plan, step):
@@ -360,7 +361,8 @@ def train(model, task, optimizer, plan, progress, log=say, save=None, record=Non
     weight average, the reports from its start step on fold the parameters
     into it and validate (and may choose) its mean. A curriculum's run
     trains on its stage progress.stage and moves on to the next as soon as
-    a report solves it; only the last stage's reports may be chosen.
+    a report solves it (or reaches plan.advance_at); only the last stage's
+    reports may be chosen.
     Returns (test loss, test metric, step of the chosen parameters)."""
     start, train_seconds, first = time.time(), 0.0, progress.step
     last_line = start
@@ -410,10 +412,13 @@ def train(model, task, optimizer, plan, progress, log=say, save=None, record=Non
                             save(progress)
                         raise RoaError(f"training stopped after step {step}: could not write the metrics log "
                                        f"({err})" + ("; the checkpoint is saved" if save else "")) from None
-                if not last_stage and stage.solved(val_metric):        # the curriculum's next length
+                advance = stage.solved(val_metric) if plan.advance_at is None else stage.reached(val_metric,
+                                                                                                plan.advance_at)
+                if not last_stage and advance:                          # the curriculum's next length
                     progress.stage += 1
-                    log(f"roa: T={stage.T} solved on validation at step {step}; "
-                        f"now T={task.stages[progress.stage].T}")
+                    why = "solved on validation" if plan.advance_at is None else \
+                        f"validation {task.metric_name} {val_metric:.4f} reached {plan.advance_at:g}"
+                    log(f"roa: T={stage.T} {why} at step {step}; now T={task.stages[progress.stage].T}")
             elif time.time() - last_line > HEARTBEAT_SECONDS:     # slow steps: say where we are
                 log(f"step {step:>{width}}/{plan.steps}  {where}loss {loss:.4f}  " + pace)
                 last_line = time.time()
@@ -466,7 +471,9 @@ def load_model(path, device="cpu"):
 
 def describe(args, task, steps):
     shape = (f"roaFNN L={args.depth} N={args.hidden}" if task.model == "fnn"
-             else f"T={task.T}" + (f" (curriculum {','.join(map(str, args.curriculum))})" if args.curriculum else "")
+             else f"T={task.T}" + (f" (curriculum {','.join(map(str, args.curriculum))}"
+                                   + (f", on at {args.advance_at:g}" if args.advance_at is not None else "") + ")"
+                                   if args.curriculum else "")
             + f" | roaRNN N={args.hidden}")
     regularisers = (f" weight decay {args.weight_decay}" if args.weight_decay else "") + \
         (f" clip {args.clip}" if args.clip else "") + \
@@ -521,7 +528,8 @@ def run(args, log=say):
             else f"roa: resuming {args.resume} at step {progress.step}")
     elif args.init:
         log(f"roa: starting from the parameters of {args.init} (its step {checkpoint.step}), a fresh optimiser")
-    plan = Plan(steps, args.batch, args.seed, args.eval_every, args.lr, args.schedule, args.save_every or 0)
+    plan = Plan(steps, args.batch, args.seed, args.eval_every, args.lr, args.schedule, args.save_every or 0,
+                args.advance_at)
     config = {name: getattr(args, name) for name in TRAINING_FLAGS + PLAN_FLAGS}
     config.update(steps=steps, threads=threads)
     config.update(data_source(args.data_dir or DEFAULT_DATA_DIR, task))

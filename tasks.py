@@ -79,7 +79,10 @@ class Task:
         raise NotImplementedError
 
     def solved(self, metric, epochs=None):
-        threshold, _ = self.goal(epochs)
+        return self.reached(metric, self.goal(epochs)[0])
+
+    def reached(self, metric, threshold):
+        """Has the metric reached or passed the threshold, in the better direction?"""
         return metric >= threshold if self.higher_is_better else metric < threshold
 
     def criterion(self, epochs=None):
@@ -98,9 +101,10 @@ class Task:
 
 class Curriculum:
     """A synthetic task learned over growing lengths (a curriculum): a run
-    trains on stages[0] until its validation metric solves it, then on
-    stages[1], and so on; the last stage is the task the run is scored on,
-    and a Curriculum answers for it everywhere else."""
+    trains on stages[0] until its validation metric solves it (or reaches
+    the run's --advance-at), then on stages[1], and so on; the last stage is
+    the task the run is scored on, and a Curriculum answers for it
+    everywhere else."""
 
     def __init__(self, stages):
         self.stages = stages

@@ -1052,6 +1052,8 @@ def test_a_curriculum_stopped_at_any_step_resumes_as_the_run_uninterrupted(stop_
     (["--task", "adding", "--curriculum", "10,x"], "10,x"),
     (["--task", "adding", "--curriculum", "10,20", "--length", "30"], "last length, 20"),
     (["--task", "psmnist", "--curriculum", "10,20"], "--curriculum is not used by the psmnist task"),
+    (["--task", "adding", "--advance-at", "0.05"], "give --curriculum too"),
+    (["--task", "adding", "--curriculum", "10,20", "--advance-at", "-1"], "--advance-at"),
 ])
 def test_bad_curricula_are_refused_in_one_line(flags, named, capsys):
     code, err, out = run_cli(flags, capsys)
@@ -1223,3 +1225,19 @@ def test_a_checkpoint_whose_adam_second_moment_holds_exact_zeros_resumes(tmp_pat
     arrays["optim.v.W"][0] = 0.0
     numpy.savez(path, **arrays)
     assert roa.main(["--resume", path, "--steps", "12", "--quiet"]) == 0
+
+
+def test_a_curriculum_may_move_on_at_a_metric_of_its_own(tmp_path, capsys):
+    """--advance-at 0.05: a stage ends at the first report whose validation
+    MSE is below 0.05, solved or not; the flag is kept by the checkpoint."""
+    path, log = str(tmp_path / "run.npz"), str(tmp_path / "run.jsonl")
+    assert roa.main(CURRICULUM + ["--advance-at", "0.05", "--save", path, "--metrics", log]) == 0
+    out = capsys.readouterr().out
+    reports = [json.loads(line) for line in open(log)]
+    ends = [(before, after) for before, after in zip(reports, reports[1:]) if after["length"] != before["length"]]
+    assert len(ends) == 2 and "(curriculum 4,8,16, on at 0.05)" in out
+    for before, after in ends:
+        assert before["val_metric"] < 0.05 and f"reached 0.05 at step {before['step']}" in out
+    for report in reports:
+        assert report["length"] == 16 or report in [b for b, _ in ends] or report["val_metric"] >= 0.05
+    assert machinery.load_checkpoint(path).config["advance_at"] == 0.05
