@@ -110,8 +110,11 @@ def table(levers, lengths):
                     escapes.append(below[0])
             if runs:
                 median = f"{statistics.median(escapes):,.0f}" if escapes else "-"
-                print(f"| {lever}: {LEVERS[lever][0]} | {T} | {len(escapes)} / {runs} | {median} | "
-                      f"{statistics.median(bests):.4f} |")
+                reached = [b for b in bests if b == b]      # (a curriculum that never got to T has no MSE at T)
+                best = f"{statistics.median(reached):.4f}" if reached else "-"
+                if len(reached) < runs:
+                    best += f" ({runs - len(reached)} never reached T)"
+                print(f"| {lever}: {LEVERS[lever][0]} | {T} | {len(escapes)} / {runs} | {median} | {best} |")
 
 
 def main(argv=None):
