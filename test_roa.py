@@ -177,14 +177,27 @@ def reference_rnn(p, O, alpha, beta, act_name, every, u, dz):
     return z, grads
 
 
-def assert_same(engine, reference, name, tolerance=1e-12):
-    assert rel_error(engine, reference) <= tolerance, (name, rel_error(engine, reference))
+def assert_same(engine, reference, name, tolerance=1e-12, floor=0.0):
+    """||engine - reference|| <= tolerance (||engine|| + ||reference||), the
+    denominator floored at `floor`: a gradient that is a sum of terms which
+    nearly cancel (width 1, a few samples) is only as exact as the size of
+    its terms, so the gradients are compared with the floor 1e-3 times the
+    norm of the whole gradient."""
+    a, b = ag.to_numpy(engine), ag.to_numpy(reference)
+    scale = max(numpy.linalg.norm(a) + numpy.linalg.norm(b), floor)
+    error = 0.0 if scale == 0 else numpy.linalg.norm(a - b) / scale
+    assert error <= tolerance, (name, error)
+
+
+def gradient_floor(grads):
+    """1e-3 times the norm of all the gradients together (see assert_same)."""
+    return 1e-3 * math.sqrt(sum(float((ag.to_numpy(g) ** 2).sum()) for g in grads.values()))
 
 
 @given(fnn_specs(), st.integers(1, 3))
 def test_fnn_scores_and_gradients_equal_the_reference(spec, block):
     """The engine (in blocks of `block` layers) against reference_fnn, to 1e-12
-    relative in float64, for every drawn shape, alpha (0 included), beta,
+    relative in float64 (assert_same), for every drawn shape, alpha (0 included), beta,
     activation; inference gives the training forward's scores bit for bit."""
     kwargs, B, data_seed, _ = spec
     model = roa.RoaFNN(**kwargs)
@@ -199,7 +212,7 @@ def test_fnn_scores_and_gradients_equal_the_reference(spec, block):
     grads = model.backward(dz, cache)
     assert grads.keys() == grads_ref.keys() == model.params.keys()
     for name in grads:
-        assert_same(grads[name], grads_ref[name], name)
+        assert_same(grads[name], grads_ref[name], name, floor=gradient_floor(grads_ref))
 
 
 @given(st.sampled_from(machinery.READOUTS), st.integers(1, 3), st.integers(1, 3), st.integers(1, 5),
@@ -220,7 +233,7 @@ def test_bptt_scores_and_gradients_equal_the_reference(readout, n_in, n_out, N, 
     grads = model.backward(dz, cache)
     assert grads.keys() == grads_ref.keys() == model.params.keys()
     for name in grads:
-        assert_same(grads[name], grads_ref[name], name)
+        assert_same(grads[name], grads_ref[name], name, floor=gradient_floor(grads_ref))
 
 
 # ------------------------------------ 0b. losses, activations, optimisers by definition
