@@ -9,6 +9,12 @@ the gradients having the same names as the parameters; forward with an rng
 is a training pass (dropout on the readout's input, where asked for);
 inference(u) -> z is evaluation's forward, with no cache. The layers and
 their backward passes live in autograd.py.
+
+This file reads top to bottom: the two models, one training step,
+evaluation, the training loop, and the command line's run and main. What
+keeps a run safe -- the flags' rules, checkpoint files, stop signals, CPU
+threads and memory -- lives in machinery.py; the tasks and their data in
+tasks.py.
 """
 
 import argparse
