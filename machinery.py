@@ -68,17 +68,19 @@ PATH = (lambda v: v is None or (isinstance(v, str) and v != ""), "a path")
 RULES = {
     "n_in": SIZE, "n_out": SIZE, "width": SIZE, "hidden": SIZE, "depth": SIZE, "length": SIZE, "batch": SIZE,
     "steps": SIZE, "epochs": SIZE, "eval_every": SIZE, "save_every": SIZE, "validation": SIZE,
-    "average_from": (lambda v: is_real(v) and 0 <= v < 1, "a fraction of the run >= 0 and < 1 (0: no weight average)"), "seed": COUNT,
+    "average_from": (lambda v: is_real(v) and 0 <= v < 1, "a fraction of the run >= 0 and < 1 (0: no weight average)"),
+    "seed": COUNT,
     "alpha": NON_NEGATIVE, "beta": POSITIVE, "lr": POSITIVE, "weight_decay": NON_NEGATIVE,
     "clip": (NON_NEGATIVE[0], "a finite number >= 0 (0: no clipping)"),
     "dropout": (lambda v: is_real(v) and 0 <= v < 1, "a number >= 0 and < 1"),
     "activation": one_of(sorted(ACTIVATIONS)), "dtype": one_of(DTYPES), "optimizer": one_of(OPTIMIZERS),
-    "curriculum": (lambda v: v is None or (isinstance(v, list) and len(v) >= 2 and all(is_integer(T) and T >= 2
-                                                                                     for T in v)
+    "curriculum": (lambda v: v is None or (isinstance(v, list) and len(v) >= 2
+                                           and all(is_integer(T) and T >= 2 for T in v)
                                            and all(a < b for a, b in zip(v, v[1:]))),
                    "two or more lengths >= 2, growing, such as 100,200,500"),
     "advance_at": (lambda v: v is None or is_real(v) and v >= 0, "a finite number >= 0"),
-    "schedule": one_of(SCHEDULES), "readout": one_of(READOUTS), "task": one_of(TASKS), "save": PATH, "metrics": PATH, "threads": SIZE,
+    "schedule": one_of(SCHEDULES), "readout": one_of(READOUTS), "task": one_of(TASKS), "save": PATH, "metrics": PATH,
+    "threads": SIZE,
 }
 
 
@@ -160,7 +162,6 @@ def trained_state_finite(model, optimizer):
     return all_finite(model.xp, [*model.params.values(), *state])
 
 
-
 def non_finite_cause(model, u, loss, grads, optimizer):
     """What most likely made a step's numbers NaN or Inf, and what to do.
     grads: the step's gradients, None where the loss stopped it first."""
@@ -196,7 +197,6 @@ def pace_line(examples, train_seconds, elapsed, done, left):
 def clock(seconds):
     minutes, seconds = divmod(int(seconds), 60)
     return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"
-
 
 
 # --------------------------------------------------------- checkpoints
@@ -390,7 +390,8 @@ def check_shapes(model, path, params, what="parameter"):
 # what a checkpoint's parameters fix: starting from them (--init) with another value is a mistake
 ARCHITECTURE_FLAGS = ("task", "hidden", "depth", "alpha", "beta", "activation", "dtype", "seed")
 # what a checkpoint's run fixes: resuming it (--resume) with another value is a mistake
-TRAINING_FLAGS = ARCHITECTURE_FLAGS + ("length", "curriculum", "advance_at", "optimizer", "lr", "schedule", "weight_decay", "clip", "dropout",
+TRAINING_FLAGS = ARCHITECTURE_FLAGS + ("length", "curriculum", "advance_at", "optimizer", "lr", "schedule",
+                                       "weight_decay", "clip", "dropout",
                                        "batch", "average_from", "eval_every", "validation")
 # what a checkpoint keeps besides: the run's length (a resume may extend it) and its outputs (a resume may change them)
 PLAN_FLAGS = ("steps", "epochs", "save", "save_every", "metrics")
@@ -548,7 +549,8 @@ def thread_count(text):
 
 
 TASK_FLAGS = {      # flags that only some tasks use
-    "depth": ("deepmlp",), "length": ("adding", "copy"), "curriculum": ("adding", "copy"), "epochs": ("psmnist", "deepmlp"),
+    "depth": ("deepmlp",), "length": ("adding", "copy"), "curriculum": ("adding", "copy"),
+    "epochs": ("psmnist", "deepmlp"),
     "validation": ("psmnist", "deepmlp"), "data_dir": ("psmnist", "deepmlp"),
 }
 
@@ -596,7 +598,8 @@ def fill_defaults(args, saved=None, fixed=TRAINING_FLAGS):
                                f"trained with {name} = {saved[name]!r}; leave the flag out to take the checkpoint's")
             if given is None:
                 setattr(args, name, saved.get(name))
-    defaults = {"activation": "tanh", "schedule": "constant", "weight_decay": 0.0, "clip": 0.0, "dropout": 0.0, "dtype": "float32",
+    defaults = {"activation": "tanh", "schedule": "constant", "weight_decay": 0.0, "clip": 0.0, "dropout": 0.0,
+                "dtype": "float32",
                 "average_from": 0, "seed": 0, "validation": 5000, **PRESETS[args.task]}
     if args.curriculum:                                 # the run is scored at its last length
         args.length = args.curriculum[-1]
@@ -705,8 +708,6 @@ def prepare_output(flag, path, log, replace=False):
         raise RoaError(f"{flag} {path!r}: the file is not writable")
 
 
-
-
 def memory_needed(args, task):
     """An upper estimate of the bytes a run allocates that grow with its
     sizes: the data (a synthetic task's held-out sets, in float64), the parameters
@@ -770,7 +771,8 @@ def cgroup_memory_left(proc_cgroup="/proc/self/cgroup", root="/sys/fs/cgroup"):
         if controllers == "":
             base, limit_name, usage_name = root, "memory.max", "memory.current"
         elif "memory" in controllers.split(","):
-            base, limit_name, usage_name = os.path.join(root, "memory"), "memory.limit_in_bytes", "memory.usage_in_bytes"
+            base = os.path.join(root, "memory")
+            limit_name, usage_name = "memory.limit_in_bytes", "memory.usage_in_bytes"
         else:
             continue
         parts = [part for part in path.split("/") if part]
@@ -789,7 +791,6 @@ def check_memory(args, task, xp):
     if free is not None and need > 0.9 * free:
         raise RoaError(f"this run needs about {need / 1e9:.1f} GB ({parts}), but only {free / 1e9:.1f} GB is "
                        "free: lower --batch, --hidden, --length or --depth")
-
 
 
 def continue_progress(model, optimizer, progress, checkpoint, path):

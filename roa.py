@@ -242,8 +242,6 @@ class RoaRNN(Model):
 HEARTBEAT_SECONDS = 30      # between progress lines when validation reports are further apart
 
 
-
-
 def evaluate(model, task, data):
     """(loss, metric) of the task over a held-out set (u, y), by the inference
     forward, in chunks of examples that take at most EVAL_BYTES each."""
@@ -259,7 +257,6 @@ def evaluate(model, task, data):
         loss += task.loss(z, y_part)[0] * len(rows) / B        # each chunk's mean, weighted by its size
         metric += task.metric(z, y_part) * len(rows) / B
     return loss, metric
-
 
 
 def train_step(model, task, optimizer, seed, step, batch):
@@ -280,7 +277,6 @@ def train_step(model, task, optimizer, seed, step, batch):
         raise RoaError(f"training stopped at step {step}: {non_finite_cause(model, u, loss, grads, optimizer)}; "
                        "the last checkpoint saved, if any, is kept as it was")
     return loss, input_grad
-
 
 
 class Plan(NamedTuple):
@@ -418,8 +414,8 @@ def train(model, task, optimizer, plan, progress, log=say, save=None, record=Non
                             save(progress)
                         raise RoaError(f"training stopped after step {step}: could not write the metrics log "
                                        f"({err})" + ("; the checkpoint is saved" if save else "")) from None
-                advance = stage.solved(val_metric) if plan.advance_at is None else stage.reached(val_metric,
-                                                                                                plan.advance_at)
+                advance = (stage.solved(val_metric) if plan.advance_at is None
+                           else stage.reached(val_metric, plan.advance_at))
                 if not last_stage and advance:                          # the curriculum's next length
                     progress.stage += 1
                     why = "solved on validation" if plan.advance_at is None else \
@@ -474,13 +470,13 @@ def load_model(path, device="cpu"):
     return model, checkpoint.config
 
 
-
 def describe(args, task, steps):
+    curriculum = ""
+    if args.curriculum:
+        on_at = f", on at {args.advance_at:g}" if args.advance_at is not None else ""
+        curriculum = f" (curriculum {','.join(map(str, args.curriculum))}{on_at})"
     shape = (f"roaFNN L={args.depth} N={args.hidden}" if task.model == "fnn"
-             else f"T={task.T}" + (f" (curriculum {','.join(map(str, args.curriculum))}"
-                                   + (f", on at {args.advance_at:g}" if args.advance_at is not None else "") + ")"
-                                   if args.curriculum else "")
-            + f" | roaRNN N={args.hidden}")
+             else f"T={task.T}{curriculum} | roaRNN N={args.hidden}")
     regularisers = (f" weight decay {args.weight_decay}" if args.weight_decay else "") + \
         (f" clip {args.clip}" if args.clip else "") + \
         (f" dropout {args.dropout}" if args.dropout else "")

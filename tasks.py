@@ -442,4 +442,3 @@ PRESETS = {
 def on_device(xp, u, y, dtype):
     """A batch as arrays of module xp: inputs in the model's dtype, labels as they are."""
     return xp.asarray(u, dtype=dtype), xp.asarray(y, dtype=dtype if y.dtype.kind == "f" else None)
-

@@ -601,7 +601,7 @@ def test_output_paths_are_checked_before_any_work(tmp_path, capsys):
                               ("--metrics", "/dev/null", "not a regular file"),
                               ("--save", "/proc/roa.npz", "cannot write"),
                               ("--save", "/proc/roa/run.npz", "cannot create its folder"),
-                              ("--save", tmp_path / ("a" * 245 + ".npz"), "cannot write")]:   # (its temporary file's name is too long)
+                              ("--save", tmp_path / ("a" * 245 + ".npz"), "cannot write")]:   # (its temporary name)
         code, err, out = run_cli(TINY + [flag, str(path)], capsys)
         assert code == 2 and named in err and str(path) in err and "step" not in out, (flag, path, err)
 

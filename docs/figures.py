@@ -128,7 +128,8 @@ def figure_singular_values(plt, depth, trained, out):
     if trained:
         model, config = roa.load_model(trained)
         if config["task"] != "deepmlp":
-            sys.exit(f"figures.py: --trained {trained!r} is a {config['task']} checkpoint; figure 3 needs a deepmlp one")
+            sys.exit(f"figures.py: --trained {trained!r} is a {config['task']} checkpoint; "
+                     "figure 3 needs a deepmlp one")
         models = [("at initialisation", roa.RoaFNN(784, 10, config["hidden"], config["depth"], config["alpha"],
                                                    config["beta"], config["activation"], seed=config["seed"])),
                   ("after training", model)]

@@ -9,11 +9,13 @@ problem (alpha 1, N 64, the adding preset otherwise), run at each length on
 seeds 0-4, two runs at a time at one BLAS thread each. A run's validation
 MSE reports go to runs/study/LEVER-TLENGTH-seedSEED.jsonl, its checkpoints
 to the .npz beside it (a finished log is not run again; a run cut short is
-resumed from its checkpoint, and a longer STEPS extends the finished ones). A seed has *escaped* the plateau (0.167, the loss of
-always answering 1) at the first report whose validation MSE is below
-ESCAPE at length T (a curriculum's reports at shorter lengths do not count);
-the table gives, per lever and length, the seeds escaped, the median escape
-step of those seeds, and the median of every seed's best validation MSE at T. Validation only: no test score is looked at here.
+resumed from its checkpoint, and a longer STEPS extends the finished ones).
+A seed has *escaped* the plateau (0.167, the loss of always answering 1)
+at the first report whose validation MSE is below ESCAPE at length T (a
+curriculum's reports at shorter lengths do not count); the table gives,
+per lever and length, the seeds escaped, the median escape step of those
+seeds, and the median of every seed's best validation MSE at T.
+Validation only: no test score is looked at here.
 """
 
 import argparse
