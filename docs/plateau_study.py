@@ -3,6 +3,7 @@
     python docs/plateau_study.py                     # run every lever (resumable), then print the table
     python docs/plateau_study.py --only base --only clip1 --lengths 200
     python docs/plateau_study.py --table             # print the table of the logs at hand, run nothing
+    python docs/plateau_study.py --state-norm --lengths 200 1000     # the state at initialisation
 
 Each lever is a set of flags added to one short roaRNN run of the adding
 problem (alpha 1, N 64, the adding preset otherwise), run at each length on
@@ -119,13 +120,41 @@ def table(levers, lengths):
                 print(f"| {lever}: {LEVERS[lever][0]} | {T} | {len(escapes)} / {runs} | {median} | {best} |")
 
 
+def state_norms(lengths):
+    """At initialisation (seed 0, N 64, alpha 1), for beta 0.1 and
+    0.3 / sqrt(T): the mean ||h_T|| over 256 validation sequences, the rms
+    of the last preactivation W h_{T-1} + U u_T, and the fraction of units
+    where |tanh| > 0.9 (saturated: phi' < 0.19)."""
+    sys.path.insert(0, ROOT)
+    import numpy
+    import autograd
+    import roa
+    import tasks
+    print("| T | beta | mean norm of h_T | preactivation rms | units with abs(tanh) > 0.9 |")
+    print("| --- | --- | --- | --- | --- |")
+    for T in lengths:
+        u = tasks.Adding(T).validation[0][:, :256].astype(numpy.float32)
+        for beta in (0.1, 0.3 / T ** 0.5):
+            model = roa.RoaRNN(2, 1, 64, 1.0, beta, seed=0)
+            p = model.params
+            hs = autograd.rnn_inference(u, numpy.zeros((256, 64), numpy.float32), p["W"], model.O, p["U"], p["b"],
+                                        1.0, beta, model.act, all_states=True)
+            y = hs[-2] @ p["W"].T + u[-1] @ p["U"].T + p["b"]
+            print(f"| {T} | {beta:.4f} | {numpy.linalg.norm(hs[-1], axis=1).mean():.2f} | "
+                  f"{numpy.sqrt((y * y).mean()):.2f} | {(numpy.abs(numpy.tanh(y)) > 0.9).mean():.2f} |")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", action="append", choices=sorted(LEVERS), help="run these levers only")
     p.add_argument("--lengths", type=int, nargs="+", default=[200, 500])
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
     p.add_argument("--table", action="store_true", help="print the table of the logs at hand, run nothing")
+    p.add_argument("--state-norm", action="store_true", help="print the state's norm and saturation at "
+                   "initialisation at each length, run nothing")
     args = p.parse_args(argv)
+    if args.state_norm:
+        return state_norms(args.lengths)
     levers = args.only or list(LEVERS)
     os.makedirs(os.path.join(ROOT, "runs", "study"), exist_ok=True)
     if not args.table:
