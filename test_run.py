@@ -60,7 +60,7 @@ def test_bad_flags_exit_with_a_message_naming_the_value(flags, named, capsys):
     assert "error" in err and named in err and "Traceback" not in err
 
 
-# ===================================================== reliability (issue 6)
+# ===================================================== reliability: mistakes, damage, signals
 
 def run_cli(argv, capsys):
     """roa.main(argv): (exit code, stderr, stdout)."""
