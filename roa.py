@@ -436,13 +436,15 @@ def train(model, task, optimizer, plan, progress, log=say, save=None, record=Non
 # -------------------------------------------------------- command line
 
 
+TASK_CLASSES = {"adding": Adding, "copy": Copy, "psmnist": PsMNIST, "deepmlp": DeepMNIST}
+
+
 def make_task(args, log):
-    if args.task in ("adding", "copy"):
-        synthetic = Adding if args.task == "adding" else Copy
-        return Curriculum([synthetic(T) for T in args.curriculum]) if args.curriculum else synthetic(args.length)
-    mnist = PsMNIST if args.task == "psmnist" else DeepMNIST
+    task_class = TASK_CLASSES[args.task]
+    if not issubclass(task_class, MNIST):
+        return Curriculum([task_class(T) for T in args.curriculum]) if args.curriculum else task_class(args.length)
     folder = args.data_dir or DEFAULT_DATA_DIR
-    return mnist(folder, fetch=same_file(folder, DEFAULT_DATA_DIR), validation_size=args.validation, log=log)
+    return task_class(folder, fetch=same_file(folder, DEFAULT_DATA_DIR), validation_size=args.validation, log=log)
 
 
 def make_model(args, task):
@@ -453,9 +455,6 @@ def make_model(args, task):
     if task.model == "fnn":
         return RoaFNN(task.n_in, task.n_out, width=args.hidden, depth=args.depth, **common)
     return RoaRNN(task.n_in, task.n_out, hidden=args.hidden, readout=task.readout, **common)
-
-
-TASK_CLASSES = {"adding": Adding, "copy": Copy, "psmnist": PsMNIST, "deepmlp": DeepMNIST}
 
 
 def load_model(path, device="cpu"):
