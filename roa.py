@@ -17,9 +17,22 @@ threads and memory -- lives in machinery.py; the tasks and their data in
 tasks.py.
 """
 
+import signal
+import sys
+
+
+def stopped_while_loading(signum, frame):
+    """Ctrl-C while the libraries below load: one line and status 130, as a
+    stop outside training gets later on, instead of an import's traceback."""
+    print("roa.py: interrupted while loading; nothing was run", file=sys.stderr)
+    sys.exit(130)
+
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, stopped_while_loading)     # (an inherited "ignore" stays)
+
 import argparse
 import math
-import sys
 import time
 from typing import NamedTuple
 
@@ -35,6 +48,9 @@ from machinery import (ARCHITECTURE_FLAGS, DEFAULT_DATA_DIR, EVAL_BYTES, PLAN_FL
                        planned_steps, prepare_output, restore, resume_plan, same_file, save_checkpoint, say,
                        trained_state_finite, unprefixed, use_threads, why_it_ended)
 from tasks import MNIST, Adding, Copy, Curriculum, DeepMNIST, PsMNIST, on_device, random_stream
+
+if signal.getsignal(signal.SIGINT) is stopped_while_loading:
+    signal.signal(signal.SIGINT, signal.default_int_handler)    # loaded: Ctrl-C raises KeyboardInterrupt again
 
 
 class Model:

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -706,6 +707,18 @@ def test_a_run_under_nohup_ignores_sighup_and_finishes(tmp_path):
     run.send_signal(signal.SIGHUP)
     out, err = run.communicate()
     assert run.returncode == 0 and err == "" and "step 3000/3000" in out and "test MSE" in out
+
+
+def test_ctrl_c_while_the_libraries_load_ends_in_one_line(tmp_path):
+    """Ctrl-C before roa.py's imports are done: one line on stderr, status 130,
+    no traceback. A stand-in autograd.py beside a copy of roa.py sends the
+    SIGINT from inside the imports."""
+    shutil.copy(os.path.join(ROOT, "roa.py"), tmp_path / "roa.py")
+    (tmp_path / "autograd.py").write_text("import os, signal, time\n"
+                                          "os.kill(os.getpid(), signal.SIGINT)\ntime.sleep(30)\n")
+    run = subprocess.run([sys.executable, str(tmp_path / "roa.py"), "--task", "adding"], capture_output=True,
+                         text=True, timeout=60)
+    assert (run.returncode, run.stdout, run.stderr) == (130, "", "roa.py: interrupted while loading; nothing was run\n")
 
 
 def test_a_closed_output_pipe_stops_printing_not_training(tmp_path):

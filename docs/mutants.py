@@ -1,0 +1,142 @@
+"""docs/mutants.py -- would the tests notice a wrong token?
+
+    python docs/mutants.py                           # 30 sampled mutants in each of the four modules
+    python docs/mutants.py machinery.py --sample 60 --seed 1
+    python docs/mutants.py tasks.py --sample 0       # every mutant of the file (slow: minutes each)
+
+A mutant is the code with one token changed, the way a slip of the
+keyboard changes it: an operator into its neighbour (+ and -, * and /, <
+and <=, == and !=, ...), a number into the next one (an integer n into
+n + 1, a float x into 2 x), True and False, `and` and `or`, min and max.
+Docstrings and comments are left alone. Each mutant runs the README's test
+command (`python -m pytest -x -q test_roa.py test_run.py`, stopping at the
+first failure) on a copy of the repository; it is *killed* when a test
+fails or the suite runs past --timeout, and it *survives* when the suite
+passes. A survivor is either a gap in the tests or an equivalent mutant
+(a change that computes the same thing, such as `<` into `<=` where the
+two values are never equal): the list printed at the end is for a person
+to read and tell them apart.
+"""
+
+import argparse
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import tokenize
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODULES = ["autograd.py", "roa.py", "tasks.py", "machinery.py"]
+TESTS = ["test_roa.py", "test_run.py"]
+
+SWAPS = {"+": "-", "-": "+", "*": "/", "/": "*", "//": "/", "**": "*", "%": "//",
+         "<": "<=", "<=": "<", ">": ">=", ">=": ">", "==": "!=", "!=": "==",
+         "+=": "-=", "-=": "+=", "*=": "/=", "/=": "*=",
+         "True": "False", "False": "True", "and": "or", "or": "and", "min": "max", "max": "min"}
+
+
+def next_number(text):
+    """The number a slip would make of this literal, or None."""
+    try:
+        value = int(text, 0)
+        return str(value + 1)
+    except ValueError:
+        pass
+    try:
+        return repr(2 * float(text))
+    except ValueError:
+        return None         # complex literals and the like
+
+
+def mutants(path):
+    """Every one-token change of the file: (line, column, old, new)."""
+    with open(path) as f:
+        tokens = list(tokenize.generate_tokens(f.readline))
+    found = []
+    for tok in tokens:
+        if tok.type in (tokenize.OP, tokenize.NAME) and tok.string in SWAPS:
+            found.append((*tok.start, tok.string, SWAPS[tok.string]))
+        elif tok.type == tokenize.NUMBER:
+            new = next_number(tok.string)
+            if new is not None:
+                found.append((*tok.start, tok.string, new))
+    return found
+
+
+def apply(source_lines, mutant):
+    """The source with the mutant's token replaced."""
+    line, col, old, new = mutant
+    lines = list(source_lines)
+    text = lines[line - 1]
+    assert text[col:col + len(old)] == old
+    lines[line - 1] = text[:col] + new + text[col + len(old):]
+    return "".join(lines)
+
+
+def compiles(text):
+    try:
+        compile(text, "<mutant>", "exec")
+        return True
+    except SyntaxError:
+        return False
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("modules", nargs="*", default=MODULES, help=f"files to mutate (default: {' '.join(MODULES)})")
+    p.add_argument("--sample", type=int, default=30, help="mutants per file, drawn at random; 0: all")
+    p.add_argument("--seed", type=int, default=0, help="the draw of the sample")
+    p.add_argument("--timeout", type=float, default=600, help="seconds for one run of the tests")
+    args = p.parse_args()
+
+    work = tempfile.mkdtemp(prefix="roa-mutants-")
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for name in tracked:
+        os.makedirs(os.path.join(work, os.path.dirname(name)), exist_ok=True)
+        shutil.copy2(os.path.join(ROOT, name), os.path.join(work, name))
+    if os.path.isdir(os.path.join(ROOT, "data")):             # MNIST, where it was fetched: no download per run
+        os.symlink(os.path.join(ROOT, "data"), os.path.join(work, "data"))
+
+    totals = []
+    try:
+        for module in args.modules:
+            path = os.path.join(work, module)
+            with open(path) as f:
+                source_lines = f.readlines()
+            candidates = [m for m in mutants(path) if compiles(apply(source_lines, m))]
+            chosen = candidates if args.sample == 0 else random.Random(args.seed).sample(
+                candidates, min(args.sample, len(candidates)))
+            killed, survivors = 0, []
+            for mutant in sorted(chosen):
+                with open(path, "w") as f:
+                    f.write(apply(source_lines, mutant))
+                try:
+                    run = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                                          *TESTS], cwd=work, capture_output=True, timeout=args.timeout)
+                    dead = run.returncode != 0
+                except subprocess.TimeoutExpired:
+                    dead = True
+                line, col, old, new = mutant
+                print(f"{module}:{line}:{col}: {old} -> {new}: {'killed' if dead else 'SURVIVED'}", flush=True)
+                killed += dead
+                if not dead:
+                    survivors.append(f"{module}:{line}: {old} -> {new}   | {source_lines[line - 1].strip()}")
+            with open(path, "w") as f:
+                f.writelines(source_lines)
+            totals.append((module, killed, len(chosen), len(candidates), survivors))
+    finally:
+        shutil.rmtree(work)
+
+    print("\nmodule | killed / run | mutants in the file")
+    for module, killed, run, possible, _ in totals:
+        print(f"{module} | {killed} / {run} ({100 * killed / max(run, 1):.0f} %) | {possible}")
+    print("\nsurvivors (a gap in the tests, or an equivalent change):")
+    for *_, survivors in totals:
+        for line in survivors:
+            print("  " + line)
+
+
+if __name__ == "__main__":
+    main()
