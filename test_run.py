@@ -1254,3 +1254,19 @@ def test_a_curriculum_may_move_on_at_a_metric_of_its_own(tmp_path, capsys):
     for report in reports:
         assert report["length"] == 16 or report in [b for b, _ in ends] or report["val_metric"] >= 0.05
     assert machinery.load_checkpoint(path).config["advance_at"] == 0.05
+
+
+def test_mutants_change_one_code_token_at_a_time_and_leave_text_alone(tmp_path):
+    """docs/mutants.py: operators, numbers and names of the code are changed,
+    one per mutant; docstrings and comments never."""
+    sys.path.insert(0, os.path.join(ROOT, "docs"))
+    import mutants
+    path = tmp_path / "m.py"
+    path.write_text('def f(a, b):\n    """a + b < 1"""\n    return a + b < 1.5 and True  # a - b\n')
+    found = mutants.mutants(str(path))
+    assert [(line, old, new) for line, _, old, new in found] == [
+        (3, "+", "-"), (3, "<", "<="), (3, "1.5", "3.0"), (3, "and", "or"), (3, "True", "False")]
+    lines = path.read_text().splitlines(keepends=True)
+    assert mutants.apply(lines, found[1]).splitlines()[2] == "    return a + b <= 1.5 and True  # a - b"
+    assert mutants.apply(lines, found[2]).splitlines()[1] == '    """a + b < 1"""'
+    assert mutants.next_number("0x10") == "17" and mutants.next_number("1e-3") == "0.002"

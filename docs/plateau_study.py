@@ -50,6 +50,9 @@ LEVERS = {      # name: (what it changes, the flags added to the base run at len
     "lr5e-3": ("Adam lr 5e-3", lambda T: ["--lr", "5e-3"]),
     "lr1e-3": ("Adam lr 1e-3", lambda T: ["--lr", "1e-3"]),
     "batch256": ("batch 256", lambda T: ["--batch", "256"]),
+    "relu": ("phi = ReLU (beta 0.1)", lambda T: ["--activation", "relu"]),
+    "relu-beta-sqrtT": ("phi = ReLU, beta 0.3 / sqrt(T)",
+                        lambda T: ["--activation", "relu", "--beta", f"{0.3 / T ** 0.5:.4g}"]),
 }
 
 
@@ -121,27 +124,31 @@ def table(levers, lengths):
 
 
 def state_norms(lengths):
-    """At initialisation (seed 0, N 64, alpha 1), for beta 0.1 and
-    0.3 / sqrt(T): the mean ||h_T|| over 256 validation sequences, the rms
-    of the last preactivation W h_{T-1} + U u_T, and the fraction of units
-    where |tanh| > 0.9 (saturated: phi' < 0.19)."""
+    """At initialisation (seed 0, N 64, alpha 1), for tanh with beta 0.1 and
+    0.3 / sqrt(T) and for ReLU with beta 0.1, 20 / T and 0.3 / sqrt(T): the
+    mean ||h_T|| over 256 validation sequences, the rms of the last
+    preactivation y_T = W h_{T-1} + U u_T + b, and the fraction of units
+    whose phi'(y_T) is below 0.19 (tanh: |tanh| > 0.9, saturated; ReLU:
+    y_T < 0, off)."""
     sys.path.insert(0, ROOT)
     import numpy
     import autograd
     import roa
     import tasks
-    print("| T | beta | mean norm of h_T | preactivation rms | units with abs(tanh) > 0.9 |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| phi | T | beta | mean norm of h_T | preactivation rms | units with phi' < 0.19 |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for T in lengths:
         u = tasks.Adding(T).validation[0][:, :256].astype(numpy.float32)
-        for beta in (0.1, 0.3 / T ** 0.5):
-            model = roa.RoaRNN(2, 1, 64, 1.0, beta, seed=0)
-            p = model.params
-            hs = autograd.rnn_inference(u, numpy.zeros((256, 64), numpy.float32), p["W"], model.O, p["U"], p["b"],
-                                        1.0, beta, model.act, all_states=True)
-            y = hs[-2] @ p["W"].T + u[-1] @ p["U"].T + p["b"]
-            print(f"| {T} | {beta:.4f} | {numpy.linalg.norm(hs[-1], axis=1).mean():.2f} | "
-                  f"{numpy.sqrt((y * y).mean()):.2f} | {(numpy.abs(numpy.tanh(y)) > 0.9).mean():.2f} |")
+        for phi, betas in (("tanh", (0.1, 0.3 / T ** 0.5)), ("relu", (0.1, 20 / T, 0.3 / T ** 0.5))):
+            for beta in dict.fromkeys(betas):         # (at T = 200, 20 / T is 0.1)
+                model = roa.RoaRNN(2, 1, 64, 1.0, beta, activation=phi, seed=0)
+                p = model.params
+                hs = autograd.rnn_inference(u, numpy.zeros((256, 64), numpy.float32), p["W"], model.O, p["U"],
+                                            p["b"], 1.0, beta, model.act, all_states=True)
+                y = hs[-2] @ p["W"].T + u[-1] @ p["U"].T + p["b"]
+                flat = (numpy.abs(numpy.tanh(y)) > 0.9) if phi == "tanh" else (y < 0)
+                print(f"| {phi} | {T} | {beta:.4f} | {numpy.linalg.norm(hs[-1], axis=1).mean():.2f} | "
+                      f"{numpy.sqrt((y * y).mean()):.2f} | {flat.mean():.2f} |")
 
 
 def main(argv=None):
