@@ -1270,3 +1270,4 @@ def test_mutants_change_one_code_token_at_a_time_and_leave_text_alone(tmp_path):
     assert mutants.apply(lines, found[1]).splitlines()[2] == "    return a + b <= 1.5 and True  # a - b"
     assert mutants.apply(lines, found[2]).splitlines()[1] == '    """a + b < 1"""'
     assert mutants.next_number("0x10") == "17" and mutants.next_number("1e-3") == "0.002"
+    assert mutants.next_number("0.0") == "1.0"

@@ -45,7 +45,8 @@ def next_number(text):
     except ValueError:
         pass
     try:
-        return repr(2 * float(text))
+        value = float(text)
+        return repr(2 * value if value else 1.0)       # (0.0 into 1.0: doubling would change nothing)
     except ValueError:
         return None         # complex literals and the like
 
