@@ -146,7 +146,7 @@ def state_norms(lengths):
                 hs = autograd.rnn_inference(u, numpy.zeros((256, 64), numpy.float32), p["W"], model.O, p["U"],
                                             p["b"], 1.0, beta, model.act, all_states=True)
                 y = hs[-2] @ p["W"].T + u[-1] @ p["U"].T + p["b"]
-                flat = (numpy.abs(numpy.tanh(y)) > 0.9) if phi == "tanh" else (y < 0)
+                flat = model.act.phi_prime(model.act.phi(y)) < 0.19
                 print(f"| {phi} | {T} | {beta:.4f} | {numpy.linalg.norm(hs[-1], axis=1).mean():.2f} | "
                       f"{numpy.sqrt((y * y).mean()):.2f} | {flat.mean():.2f} |")
 
