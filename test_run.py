@@ -333,6 +333,27 @@ def test_resume_is_exact_bit_for_bit(tmp_path):
         assert numpy.array_equal(optim_one[name], optim_two[name]), name
 
 
+def test_a_finished_run_extended_by_resume_ends_as_the_longer_run(tmp_path, capsys):
+    """A run of 4 steps that finished, then `--resume PATH --steps 10`, ends
+    bit for bit as the run planned for 10 steps from the start (constant
+    learning rate): the same parameters, optimiser state and test line."""
+    flags = TINY[:-2] + ["--eval-every", "2", "--dtype", "float64"]
+    long, short = str(tmp_path / "long.npz"), str(tmp_path / "short.npz")
+    code, _, out_long = run_cli(flags + ["--steps", "10", "--save", long], capsys)
+    assert code == 0
+    assert roa.main(flags + ["--steps", "4", "--save", short, "--quiet"]) == 0
+    code, _, out_extended = run_cli(["--resume", short, "--steps", "10"], capsys)
+    assert code == 0
+    step_long, params_long, optim_long = saved_params(long)
+    step_short, params_short, optim_short = saved_params(short)
+    assert step_long == step_short == 10
+    for name in params_long:
+        assert numpy.array_equal(params_long[name], params_short[name]), name
+    for name in optim_long:
+        assert numpy.array_equal(optim_long[name], optim_short[name]), name
+    assert final_line(out_long) == final_line(out_extended)
+
+
 @given(st.lists(st.lists(st.floats(-1e3, 1e3), min_size=3, max_size=3).map(numpy.array), min_size=1, max_size=6))
 def test_weight_average_is_the_mean_of_what_it_folded(snapshots):
     average = roa.WeightAverage(start=1)
