@@ -6,6 +6,7 @@
     python docs/figures.py --trained runs/deep.npz       # figure 3 also after training (a deepmlp checkpoint)
     python docs/figures.py --curves runs/adding-roa.jsonl runs/adding-vanilla.jsonl ...   # figure 4
     python docs/figures.py --out docs/figures ...        # over the figures that docs/RESULTS.md shows
+    python docs/figures.py --curves ... --curves-name adding_long.png      # figure 4 under another name
 
 Writes PNG files into --out (default runs/figures/, which git ignores):
 1. gradient_vs_depth.png: the norm of dL/dW_l reaching each layer l of a
@@ -179,7 +180,7 @@ def figure_curves(plt, curves, out):
             rows = read_stages(curve)
             label = os.path.splitext(os.path.basename(curve))[0][len(task) + 1:] or task
             ax.plot([r["step"] for r in rows], [r["val_metric"] for r in rows], label=label)
-        mse = task == "adding"
+        mse = task.startswith("adding")                   # adding, adding10k, ...: MSE
         ax.set(xlabel="step", ylabel="validation MSE" if mse else "validation accuracy", title=task,
                yscale="log" if mse else "linear")
         ax.legend(fontsize=8, loc="best")
@@ -195,6 +196,8 @@ def main():
     p.add_argument("--trained", help="a deepmlp checkpoint for figure 3")
     p.add_argument("--curves", nargs="*", default=[], help="--metrics logs for figure 4; logs joined by + "
                    "are the stages of one curriculum, drawn end to end")
+    p.add_argument("--curves-name", default="learning_curves.png",
+                   help="file name of figure 4 in --out (default learning_curves.png)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "runs", "figures"),
                    help="folder to write the figures into (default runs/figures; docs/figures holds those "
                    "that docs/RESULTS.md shows)")
@@ -208,7 +211,7 @@ def main():
     figure_singular_values(plt, 100, args.trained,
                            os.path.join(args.out, "jacobian_singular_values.png"))
     if args.curves:
-        figure_curves(plt, args.curves, os.path.join(args.out, "learning_curves.png"))
+        figure_curves(plt, args.curves, os.path.join(args.out, args.curves_name))
     print(f"figures written to {args.out}")
 
 
