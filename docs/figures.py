@@ -183,6 +183,7 @@ def figure_curves(plt, curves, out):
         mse = task.startswith("adding")                   # adding, adding10k, ...: MSE
         ax.set(xlabel="step", ylabel="validation MSE" if mse else "validation accuracy", title=task,
                yscale="log" if mse else "linear")
+        ax.tick_params(axis="x", labelrotation=30)               # long step counts do not overlap
         ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
