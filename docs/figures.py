@@ -6,7 +6,7 @@
     python docs/figures.py --trained runs/deep.npz       # figure 3 also after training (a deepmlp checkpoint)
     python docs/figures.py --curves runs/adding-roa.jsonl runs/adding-vanilla.jsonl ...   # figure 4
     python docs/figures.py --out docs/figures ...        # over the figures that docs/RESULTS.md shows
-    python docs/figures.py --curves ... --curves-name adding_long.png      # figure 4 under another name
+    python docs/figures.py --curves ... --curves-name adding_long_curves.png   # figure 4 under another name
 
 Writes PNG files into --out (default runs/figures/, which git ignores):
 1. gradient_vs_depth.png: the norm of dL/dW_l reaching each layer l of a
