@@ -70,7 +70,9 @@ RULES = {
     "steps": SIZE, "epochs": SIZE, "eval_every": SIZE, "save_every": SIZE, "validation": SIZE,
     "average_from": (lambda v: is_real(v) and 0 <= v < 1, "a fraction of the run >= 0 and < 1 (0: no weight average)"),
     "seed": COUNT,
-    "alpha": NON_NEGATIVE, "beta": POSITIVE, "lr": POSITIVE, "weight_decay": NON_NEGATIVE,
+    "alpha": NON_NEGATIVE, "beta": POSITIVE, "weight_decay": NON_NEGATIVE,
+    "lr": (lambda v: POSITIVE[0](v) or (isinstance(v, list) and len(v) >= 2 and all(map(POSITIVE[0], v))),
+           "a finite number > 0, or one per curriculum stage, such as 2e-3,5e-4"),
     "clip": (NON_NEGATIVE[0], "a finite number >= 0 (0: no clipping)"),
     "dropout": (lambda v: is_real(v) and 0 <= v < 1, "a number >= 0 and < 1"),
     "activation": one_of(sorted(ACTIVATIONS)), "dtype": one_of(DTYPES), "optimizer": one_of(OPTIMIZERS),
@@ -347,6 +349,7 @@ def load_checkpoint(path):
     for name, value in config.items():
         if name in RULES and value is not None:
             check(name, value, source=path)
+    check_rates(config["lr"], config.get("curriculum"), source=path)
     check_progress(progress, path)
     for name, a in arrays.items():
         if a.dtype.kind not in "fiu":
@@ -410,6 +413,16 @@ def lengths(text):
     return values
 
 
+def rates(text):
+    """An argparse type: one learning rate, or comma-separated rates, one per
+    curriculum stage; held to RULES["lr"]."""
+    try:
+        values = [float(part) for part in text.split(",")]
+        return check("lr", values[0] if len(values) == 1 else values)
+    except (ValueError, RoaError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: it must be {RULES['lr'][1]}") from None
+
+
 def flag_type(name):
     """An argparse type: the flag's text as an integer or number, held to RULES[name]."""
     def parse(text):
@@ -453,7 +466,8 @@ def parse_args(argv):
     p.add_argument("--activation", choices=sorted(ACTIVATIONS),
                    help="phi (default tanh, unless the task defaults below say otherwise)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, help="Adam, or plain SGD (eqs 8-10)")
-    p.add_argument("--lr", type=flag_type("lr"), help="learning rate")
+    p.add_argument("--lr", type=rates, metavar="LR", help="learning rate; with --curriculum, one rate for "
+                   "every stage or one per stage, such as 2e-3,5e-4,5e-4")
     p.add_argument("--schedule", choices=SCHEDULES, help="learning rate constant, or decayed to 0 "
                    "along half a cosine over the run's steps (default constant)")
     p.add_argument("--weight-decay", type=flag_type("weight_decay"), help="Adam's decoupled weight decay "
@@ -608,7 +622,21 @@ def fill_defaults(args, saved=None, fixed=TRAINING_FLAGS):
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    check_rates(args.lr, args.curriculum)
     return args
+
+
+def check_rates(lr, curriculum, source=None):
+    """A list of learning rates has one rate per stage of the run."""
+    stages = len(curriculum) if curriculum else 1
+    if isinstance(lr, list) and len(lr) != stages:
+        raise RoaError((f"{source}: its lr " if source else "--lr ") + f"{rates_text(lr)} is {len(lr)} rates for "
+                       f"a run of {stages} stage{'s' * (stages > 1)}: give one rate, or one per --curriculum length")
+
+
+def rates_text(lr):
+    """The learning rate(s) as --lr takes them: 0.002, or 0.002,0.0005."""
+    return ",".join(f"{rate:g}" for rate in lr) if isinstance(lr, list) else f"{lr:g}"
 
 
 def resume_plan(args, saved, path):

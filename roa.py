@@ -45,8 +45,8 @@ from machinery import (ARCHITECTURE_FLAGS, DEFAULT_DATA_DIR, EVAL_BYTES, PLAN_FL
                        StopSignals, Stopped, check, check_flags, check_memory, check_same_data, check_task_flags,
                        clock, continue_progress, data_source, exclusive, fill_defaults, filter_fingerprint,
                        kept_bytes, load_checkpoint, metrics_log, non_finite_cause, pace_line, parse_args,
-                       planned_steps, prepare_output, restore, resume_plan, same_file, save_checkpoint, say,
-                       trained_state_finite, unprefixed, use_threads, why_it_ended)
+                       planned_steps, prepare_output, rates_text, restore, resume_plan, same_file, save_checkpoint,
+                       say, trained_state_finite, unprefixed, use_threads, why_it_ended)
 from tasks import MNIST, Adding, Copy, Curriculum, DeepMNIST, PsMNIST, on_device, random_stream
 
 if signal.getsignal(signal.SIGINT) is stopped_while_loading:
@@ -297,23 +297,26 @@ def train_step(model, task, optimizer, seed, step, batch):
 
 class Plan(NamedTuple):
     """How long and how to train: steps first+1 .. steps at learning rate lr
-    under `schedule`, and what to report and save when."""
+    (a list: one per curriculum stage) under `schedule`, and what to report
+    and save when."""
     steps: int
     batch: int
     seed: int
     eval_every: int
-    lr: float
+    lr: float                   # or a list of floats, one per curriculum stage
     schedule: str = "constant"  # or "cosine": see learning_rate
     save_every: int = 0         # 0: save only at the end (and when stopped)
     advance_at: float = None    # a curriculum's stage ends at this validation metric (None: when solved)
 
 
-def learning_rate(plan, step):
-    """The learning rate of step `step` (1 .. plan.steps): plan.lr throughout,
-    or decayed along half a cosine from plan.lr at step 1 towards 0 at the end."""
+def learning_rate(plan, step, stage=0):
+    """The learning rate of step `step` (1 .. plan.steps), trained on
+    curriculum stage `stage`: the stage's rate lr throughout, or decayed along
+    half a cosine from lr at step 1 towards 0 at the run's end."""
+    lr = plan.lr[stage] if isinstance(plan.lr, list) else plan.lr
     if plan.schedule == "cosine":
-        return plan.lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / plan.steps))
-    return plan.lr
+        return lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / plan.steps))
+    return lr
 
 
 class WeightAverage:
@@ -392,7 +395,7 @@ def train(model, task, optimizer, plan, progress, log=say, save=None, record=Non
             last_stage = progress.stage == len(task.stages) - 1
             where = "" if len(task.stages) == 1 else f"[T={stage.T}, stage {progress.stage + 1}/{len(task.stages)}]  "
             tick = time.time()
-            optimizer.lr = learning_rate(plan, step)
+            optimizer.lr = learning_rate(plan, step, progress.stage)
             loss, input_grad = train_step(model, stage, optimizer, plan.seed, step, plan.batch)
             progress.step = step
             progress.losses.append(loss)
@@ -436,7 +439,10 @@ def train(model, task, optimizer, plan, progress, log=say, save=None, record=Non
                     progress.stage += 1
                     why = "solved on validation" if plan.advance_at is None else \
                         f"validation {task.metric_name} {val_metric:.4f} reached {plan.advance_at:g}"
-                    log(f"roa: T={stage.T} {why} at step {step}; now T={task.stages[progress.stage].T}")
+                    now = f"now T={task.stages[progress.stage].T}"
+                    if isinstance(plan.lr, list):
+                        now += f" at lr {learning_rate(plan, step + 1, progress.stage):g}"
+                    log(f"roa: T={stage.T} {why} at step {step}; {now}")
             elif time.time() - last_line > HEARTBEAT_SECONDS:     # slow steps: say where we are
                 log(f"step {step:>{width}}/{plan.steps}  {where}loss {loss:.4f}  " + pace)
                 last_line = time.time()
@@ -496,8 +502,8 @@ def describe(args, task, steps):
         (f" clip {args.clip}" if args.clip else "") + \
         (f" dropout {args.dropout}" if args.dropout else "")
     return (f"roa: {task.name} {shape} alpha={args.alpha} beta={args.beta} {args.activation} | "
-            f"{args.optimizer} lr={args.lr} ({args.schedule}){regularisers} batch {args.batch} | {steps} steps | "
-            f"{args.device} {args.dtype} | seed {args.seed}")
+            f"{args.optimizer} lr={rates_text(args.lr)} ({args.schedule}){regularisers} batch {args.batch} | "
+            f"{steps} steps | {args.device} {args.dtype} | seed {args.seed}")
 
 
 def run(args, log=say):
@@ -530,7 +536,10 @@ def run(args, log=say):
         log(f"roa: resuming with {threads} BLAS thread{'s' * (threads > 1)} where the run had {saved['threads']}: "
             "sums may round differently, so the run will not end bit for bit as it would have (--threads)")
     model = make_model(args, task)
-    optimizer = Adam(args.lr, args.weight_decay, args.clip) if args.optimizer == "adam" else SGD(args.lr, args.clip)
+    plan = Plan(steps, args.batch, args.seed, args.eval_every, args.lr, args.schedule, args.save_every or 0,
+                args.advance_at)
+    lr = learning_rate(plan, 1)                         # (train sets each step's rate)
+    optimizer = Adam(lr, args.weight_decay, args.clip) if args.optimizer == "adam" else SGD(lr, args.clip)
     average_start = max(1, math.ceil(args.average_from * steps))        # the fraction's first step
     progress = Progress(WeightAverage(average_start) if args.average_from else None)
     if checkpoint:
@@ -545,8 +554,6 @@ def run(args, log=say):
             else f"roa: resuming {args.resume} at step {progress.step}")
     elif args.init:
         log(f"roa: starting from the parameters of {args.init} (its step {checkpoint.step}), a fresh optimiser")
-    plan = Plan(steps, args.batch, args.seed, args.eval_every, args.lr, args.schedule, args.save_every or 0,
-                args.advance_at)
     config = {name: getattr(args, name) for name in TRAINING_FLAGS + PLAN_FLAGS}
     config.update(steps=steps, threads=threads)
     config.update(data_source(args.data_dir or DEFAULT_DATA_DIR, task))

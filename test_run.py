@@ -178,11 +178,13 @@ def damaged_checkpoints(tmp_path, arrays):
     case("negative-step", "step must be one integer >= 0, got -3", step=numpy.array(-3))
     case("vector-step", "step must be one integer >= 0", step=numpy.array([1, 2]))
     case("config-list", "not a JSON object", config=numpy.array(json.dumps([1, 2])))
-    for key, value, named in [("hidden", "abc", "hidden must be an integer >= 1, got 'abc'"),
-                              ("batch", 0, "batch must be an integer >= 1, got 0"),
-                              ("lr", -1, "lr must be a finite number > 0, got -1"),
-                              ("alpha", None, "its configuration has no alpha")]:
-        case(f"config-{key}", named, config=numpy.array(json.dumps({**config, key: value})))
+    bad_values = [("hidden", "abc", "hidden must be an integer >= 1, got 'abc'"),
+                  ("batch", 0, "batch must be an integer >= 1, got 0"),
+                  ("lr", -1, "lr must be a finite number > 0, or one per curriculum stage"),
+                  ("lr", [0.1, 0.2], "its lr 0.1,0.2 is 2 rates for a run of 1 stage"),
+                  ("alpha", None, "its configuration has no alpha")]
+    for n, (key, value, named) in enumerate(bad_values):
+        case(f"config-{n}-{key}", named, config=numpy.array(json.dumps({**config, key: value})))
     case("string-param", "param.W holds <U3 values", **{"param.W": numpy.full(arrays["param.W"].shape, "abc")})
     case("complex-param", "param.W holds complex64", **{"param.W": arrays["param.W"] + 1j})
     case("nan-param", "NaN or Inf in param.W", **{"param.W": arrays["param.W"] * numpy.nan})
@@ -1045,8 +1047,9 @@ def test_a_curriculum_moves_on_when_validation_solves_a_stage(tmp_path, monkeypa
 @given(st.integers(1, 240))
 def test_a_curriculum_stopped_at_any_step_resumes_as_the_run_uninterrupted(stop_at):
     """Stopped after any step, before or after a stage ends, the resumed run
-    ends as the run uninterrupted: same stage, reports and parameters."""
-    flags = CURRICULUM[:-6] + ["--steps", "240", "--eval-every", "5", "--lr", "0.02", "--dtype", "float64"]
+    ends as the run uninterrupted: same stage, reports and parameters (each
+    stage at its own learning rate)."""
+    flags = CURRICULUM[:-6] + ["--steps", "240", "--eval-every", "5", "--lr", "0.02,0.01,0.005", "--dtype", "float64"]
     with tempfile.TemporaryDirectory() as folder, pytest.MonkeyPatch.context() as monkeypatch:
         whole, stopped = (os.path.join(folder, name) for name in ("whole.npz", "stopped.npz"))
         monkeypatch.setattr(roa, "say", lambda line: None)
@@ -1069,6 +1072,9 @@ def test_a_curriculum_stopped_at_any_step_resumes_as_the_run_uninterrupted(stop_
     (["--task", "psmnist", "--curriculum", "10,20"], "--curriculum is not used by the psmnist task"),
     (["--task", "adding", "--advance-at", "0.05"], "give --curriculum too"),
     (["--task", "adding", "--curriculum", "10,20", "--advance-at", "-1"], "--advance-at"),
+    (["--task", "adding", "--curriculum", "10,20", "--lr", "0.1,0.2,0.3"], "3 rates for a run of 2 stages"),
+    (["--task", "adding", "--lr", "0.1,0.2"], "2 rates for a run of 1 stage"),
+    (["--task", "adding", "--curriculum", "10,20", "--lr", "0.1,-0.2"], "'0.1,-0.2' is not allowed"),
 ])
 def test_bad_curricula_are_refused_in_one_line(flags, named, capsys):
     code, err, out = run_cli(flags, capsys)
@@ -1240,6 +1246,28 @@ def test_a_checkpoint_whose_adam_second_moment_holds_exact_zeros_resumes(tmp_pat
     arrays["optim.v.W"][0] = 0.0
     numpy.savez(path, **arrays)
     assert roa.main(["--resume", path, "--steps", "12", "--quiet"]) == 0
+
+
+def test_each_curriculum_stage_trains_at_its_own_learning_rate(tmp_path, monkeypatch, capsys):
+    """--lr 0.01,0.02,0.005 with --curriculum 4,8,16: every step at T = 4 is
+    taken at 0.01, at T = 8 at 0.02, at T = 16 at 0.005; the progress lines
+    say the new rate where a stage ends, and the checkpoint keeps the rates."""
+    taken, train_step = [], roa.train_step
+
+    def recording_step(model, task, optimizer, seed, step, batch):
+        taken.append((task.T, optimizer.lr))
+        return train_step(model, task, optimizer, seed, step, batch)
+    monkeypatch.setattr(roa, "train_step", recording_step)
+    path = str(tmp_path / "run.npz")
+    flags = [f for f in CURRICULUM if f != "0.01"]
+    flags[flags.index("--lr")] = "--lr=0.01,0.02,0.005"
+    assert roa.main(flags + ["--save", path]) == 0
+    out = capsys.readouterr().out
+    assert {T for T, _ in taken} == {4, 8, 16} and len(taken) == 900
+    assert all(lr == {4: 0.01, 8: 0.02, 16: 0.005}[T] for T, lr in taken)
+    assert "lr=0.01,0.02,0.005 (constant)" in out
+    assert "; now T=8 at lr 0.02" in out and "; now T=16 at lr 0.005" in out
+    assert machinery.load_checkpoint(path).config["lr"] == [0.01, 0.02, 0.005]
 
 
 def test_a_curriculum_may_move_on_at_a_metric_of_its_own(tmp_path, capsys):
