@@ -185,6 +185,10 @@ def non_finite_cause(model, u, loss, grads, optimizer):
     bad = [name for name, g in grads.items() if not all_finite(xp, [g])]
     if bad:
         return f"the gradient of {', '.join(bad)} is not finite: lower --lr or --beta, or use --dtype float64"
+    if not all_finite(xp, [a for a in optimizer.state().values() if not numpy.isscalar(a)]):
+        largest = max(float(xp.abs(g).max()) for g in grads.values())     # (Adam's v holds g * g)
+        return (f"a gradient of {largest:.1e} overflowed the optimiser's state (an exploding gradient): "
+                "clip it with --clip, lower --lr or --beta, or use --dtype float64")
     return f"the update at learning rate {lr:g} overflowed the parameters: lower --lr"
 
 

@@ -740,6 +740,7 @@ def test_a_closed_output_pipe_stops_printing_not_training(tmp_path):
 @pytest.mark.parametrize("flags, cause", [
     (["--lr", "1e30"], "grown to 1.0e+30 at learning rate 1e+30: lower --lr"),      # float32
     (["--lr", "1e39"], "at learning rate 1e+39 overflowed"),         # float32: the update itself overflows
+    (["--beta", "1e10"], "a gradient of 9.6e+20 overflowed the optimiser's state (an exploding gradient)"),
     (["--alpha", "1e10", "--length", "60"], "--alpha 10000000000.0 > 1"),
     (["--lr", "1e308", "--dtype", "float64"], "lower --lr"),
     (["--lr", "1", "--weight-decay", "1e38"], "lower --weight-decay"),
