@@ -192,12 +192,12 @@ def non_finite_cause(model, u, loss, grads, optimizer):
     return f"the update at learning rate {lr:g} overflowed the parameters: lower --lr"
 
 
-def pace_line(examples, train_seconds, elapsed, done, left):
+def pace_line(examples, train_seconds, elapsed, step_seconds, left):
     """The end of a progress line: training examples per second of training
     (evaluation excluded), the time since the run (re)started, and the time
-    left if the `left` steps go as the `done` ones went."""
+    left if each of the `left` steps takes step_seconds."""
     return (f"{examples / train_seconds:,.0f} ex/s  elapsed {clock(elapsed)}  "
-            f"ETA {clock(elapsed / done * left)}")
+            f"ETA {clock(step_seconds * left)}")
 
 
 def clock(seconds):

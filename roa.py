@@ -387,6 +387,7 @@ def train(model, task, optimizer, plan, progress, log=say, save=None, record=Non
     Returns (test loss, test metric, step of the chosen parameters)."""
     start, train_seconds, first = time.time(), 0.0, progress.step
     last_line = start
+    stage_began = (start, first)        # when, and after which step, this run began its current length
     average = progress.average
     width = len(str(plan.steps))
     with StopSignals() as stop, numpy.errstate(all="ignore"):     # (train_step checks for NaN and Inf)
@@ -402,7 +403,8 @@ def train(model, task, optimizer, plan, progress, log=say, save=None, record=Non
             train_seconds += time.time() - tick
             done = step - first
             elapsed = time.time() - start
-            pace = pace_line(done * plan.batch, train_seconds, elapsed, done, plan.steps - step)
+            step_seconds = (time.time() - stage_began[0]) / (step - stage_began[1])     # this length's pace so far
+            pace = pace_line(done * plan.batch, train_seconds, elapsed, step_seconds, plan.steps - step)
             if step % plan.eval_every == 0 or step == plan.steps:
                 candidate, averaged = model.params, 0
                 if average and step >= average.start:
@@ -437,6 +439,7 @@ def train(model, task, optimizer, plan, progress, log=say, save=None, record=Non
                            else stage.reached(val_metric, plan.advance_at))
                 if not last_stage and advance:                          # the curriculum's next length
                     progress.stage += 1
+                    stage_began = (time.time(), step)
                     why = "solved on validation" if plan.advance_at is None else \
                         f"validation {task.metric_name} {val_metric:.4f} reached {plan.advance_at:g}"
                     now = f"now T={task.stages[progress.stage].T}"

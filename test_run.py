@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import tracemalloc
+import types
 import zipfile
 
 import numpy
@@ -1184,8 +1185,8 @@ def test_psmnist_verdicts_and_their_words(tmp_path):
 
 
 def test_the_progress_numbers():
-    assert machinery.pace_line(6400, 2.0, 100.0, 50, 150) == "3,200 ex/s  elapsed 1:40  ETA 5:00"
-    assert machinery.pace_line(64, 0.5, 3600.0, 1, 1) == "128 ex/s  elapsed 1:00:00  ETA 1:00:00"
+    assert machinery.pace_line(6400, 2.0, 100.0, 2.0, 150) == "3,200 ex/s  elapsed 1:40  ETA 5:00"
+    assert machinery.pace_line(64, 0.5, 3600.0, 3600.0, 1) == "128 ex/s  elapsed 1:00:00  ETA 1:00:00"
 
 
 def test_the_clock_and_short_lengths():
@@ -1269,6 +1270,28 @@ def test_each_curriculum_stage_trains_at_its_own_learning_rate(tmp_path, monkeyp
     assert "lr=0.01,0.02,0.005 (constant)" in out
     assert "; now T=8 at lr 0.02" in out and "; now T=16 at lr 0.005" in out
     assert machinery.load_checkpoint(path).config["lr"] == [0.01, 0.02, 0.005]
+
+
+def test_a_curriculums_time_left_goes_by_the_pace_of_its_current_length(monkeypatch, capsys):
+    """On a clock that moves T seconds in each training step at length T and
+    stands still otherwise, every progress line of --curriculum 4,8,16 gives
+    as its ETA T seconds for each step left, T being the line's length: the
+    steps of a length just begun are not timed by the shorter ones before."""
+    clock, train_step = [0.0], roa.train_step
+
+    def timed_step(model, task, optimizer, seed, step, batch):
+        clock[0] += task.T
+        return train_step(model, task, optimizer, seed, step, batch)
+    monkeypatch.setattr(roa, "train_step", timed_step)
+    monkeypatch.setattr(roa, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    assert roa.main(CURRICULUM) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    seen = set()
+    for line in lines:
+        step, T = map(int, re.match(r"step +(\d+)/900  \[T=(\d+),", line).groups())
+        assert line.endswith(f"ETA {machinery.clock(T * (900 - step))}"), line
+        seen.add(T)
+    assert seen == {4, 8, 16}
 
 
 def test_a_curriculum_may_move_on_at_a_metric_of_its_own(tmp_path, capsys):
