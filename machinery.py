@@ -486,7 +486,7 @@ def parse_args(argv):
                    "which the test may then score (default 0: off)")
     p.add_argument("--batch", type=flag_type("batch"), help="mini-batch size")
     p.add_argument("--steps", type=flag_type("steps"), help="training steps in all (given on --resume: "
-                   "a longer run than the checkpoint's plan)")
+                   "a longer or shorter run than the checkpoint's plan)")
     p.add_argument("--epochs", type=flag_type("epochs"), help="training epochs (MNIST tasks; "
                    "instead of --steps)")
     p.add_argument("--eval-every", type=flag_type("eval_every"),
@@ -675,9 +675,10 @@ def check_same_data(saved, task, path):
                        "a new run from its parameters on this data with --init")
 
 
-def planned_steps(args, task, saved=None):
+def planned_steps(args, task, saved=None, taken=0):
     """The run's last step: --steps, or --epochs times the steps of an epoch,
-    or on --resume the checkpoint's plan, which a resume may only extend;
+    or on --resume the checkpoint's plan, which a resume may extend, or
+    shorten to any step after the `taken` ones the checkpoint has trained;
     else the task's default length."""
     if args.steps is None and args.epochs is None and (saved is None or saved.get("steps") is None):
         args.steps, args.epochs = PRESETS[args.task].get("steps"), PRESETS[args.task].get("epochs")
@@ -689,9 +690,9 @@ def planned_steps(args, task, saved=None):
         args.epochs = saved.get("epochs")
         return saved["steps"]
     what = f"--steps {args.steps}" if args.steps else f"--epochs {args.epochs} ({given} steps)"
-    if given < saved["steps"]:
-        raise RoaError(f"{what} is shorter than the checkpoint's plan of {saved['steps']} steps; "
-                       "a resume continues the run to its end or beyond")
+    if given < saved["steps"] and given <= taken:
+        raise RoaError(f"{what} is not past the checkpoint's step {taken}: a resume may shorten "
+                       f"the run's plan of {saved['steps']} steps to any step after it")
     if given != saved["steps"] and args.schedule == "cosine":
         raise RoaError(f"{what}: the run's cosine schedule is fixed by its length, {saved['steps']} steps; "
                        "start a new run from its parameters with --init instead")

@@ -531,7 +531,7 @@ def run(args, log=say):
     task = make_task(args, log)
     if saved:
         check_same_data(saved, task, args.resume)
-    steps = planned_steps(args, task, saved)
+    steps = planned_steps(args, task, saved, checkpoint.step if args.resume else 0)
     args.eval_every = args.eval_every or max(1, steps // 20)
     check_memory(args, task, array_module(args.device))
     threads = use_threads(args.threads, args.hidden)

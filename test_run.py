@@ -520,15 +520,28 @@ def test_a_run_stopped_at_any_step_and_resumed_ends_as_the_run_uninterrupted(sto
             assert a.keys() == b.keys() and all(numpy.array_equal(a[k], b[k]) for k in a), group
 
 
-def test_a_resume_continues_the_saved_plan_and_may_only_extend_it(tmp_path, monkeypatch, capsys):
+def test_a_resume_continues_the_saved_plan_and_may_extend_or_shorten_it(tmp_path, monkeypatch, capsys):
     """`--resume PATH` alone takes every flag and the run's length from the
-    checkpoint; --steps longer extends it; shorter, or a longer cosine run, is refused."""
-    path = str(tmp_path / "run.npz")
+    checkpoint; --steps longer extends it; shorter ends it sooner, as the
+    shorter run started from scratch would have ended, bit for bit, but not
+    before a step it has not trained yet; a cosine run keeps its length."""
+    flags = TINY[:-2] + ["--eval-every", "2", "--dtype", "float64", "--quiet"]
+    path, short, whole = (str(tmp_path / name) for name in ("run.npz", "short.npz", "whole.npz"))
     signal_at(monkeypatch, [4])
-    assert roa.main(TINY[:-2] + ["--steps", "8", "--eval-every", "2", "--save", path, "--quiet"]) == 128 + 15
+    assert roa.main(flags + ["--steps", "8", "--save", path]) == 128 + 15
     monkeypatch.undo()
-    code, err, _ = run_cli(["--resume", path, "--steps", "6"], capsys)
-    assert code == 2 and "--steps 6 is shorter" in err
+    capsys.readouterr()
+    code, err, _ = run_cli(["--resume", path, "--steps", "4"], capsys)
+    assert (code, err) == (2, "roa.py: error: --steps 4 is not past the checkpoint's step 4: a resume may "
+                              "shorten the run's plan of 8 steps to any step after it\n")
+    shutil.copy(path, short)
+    code, _, out_short = run_cli(["--resume", short, "--steps", "5"], capsys)
+    assert code == 0 and roa.main(flags + ["--steps", "5", "--save", whole]) == 0
+    capsys.readouterr()
+    out_whole = run_cli(["--resume", whole], capsys)[2]            # a finished run: its test line, again
+    assert final_line(out_short) == final_line(out_whole)
+    for one, two in zip(saved_params(short)[1:], saved_params(whole)[1:]):
+        assert one.keys() == two.keys() and all(numpy.array_equal(one[k], two[k]) for k in one)
     code, _, out = run_cli(["--resume", path], capsys)
     assert code == 0 and "resuming" in out and "step 8/8" in out and "step 6/8" in out
     assert saved_params(path)[0] == 8 and machinery.load_checkpoint(path).config["hidden"] == 4
