@@ -582,8 +582,10 @@ def run(args, log=say):
     verdict = "SOLVED" if task.solved(test_metric, epochs) else "not solved"
     if progress.stage < len(task.stages) - 1:
         verdict += f", the curriculum got no further than T={task.stages[progress.stage].T}"
+    chosen = "the best on validation" if progress.best_params is not None else \
+        "the last step's: no validation report reached the curriculum's last length"
     say(f"roa: {task.name}: test {task.metric_name} {test_metric:.4f}, test loss {test_loss:.4f} "
-        f"(baseline {task.baseline:.3f}; parameters of step {best_step}, the best on validation) "
+        f"(baseline {task.baseline:.3f}; parameters of step {best_step}, {chosen}) "
         f"-> {verdict} ({task.criterion(epochs)}); "
         f"wall time {clock(time.time() - wall)}" + (f"; saved {args.save}" if args.save and not unsaved else ""))
     if unsaved:

@@ -1307,6 +1307,17 @@ def test_a_curriculums_time_left_goes_by_the_pace_of_its_current_length(monkeypa
     assert seen == {4, 8, 16}
 
 
+def test_a_curriculum_that_never_reaches_its_last_length_says_so_and_what_it_tested(capsys):
+    """20 steps do not solve T = 4: the test at T = 16 scores the last step's
+    parameters, and the summary says that no report chose them."""
+    flags = CURRICULUM[:]
+    flags[flags.index("--steps") + 1] = "20"
+    code, _, out = run_cli(flags, capsys)
+    assert code == 0 and "the curriculum got no further than T=4" in out
+    assert "parameters of step 20, the last step's: no validation report reached the curriculum's last length" \
+        in final_line(out)
+
+
 def test_a_curriculum_may_move_on_at_a_metric_of_its_own(tmp_path, capsys):
     """--advance-at 0.05: a stage ends at the first report whose validation
     MSE is below 0.05, solved or not; the flag is kept by the checkpoint."""
