@@ -158,10 +158,14 @@ def all_finite(xp, arrays):
     return all(bool(xp.isfinite(a).all()) for a in arrays)
 
 
+def state_arrays(optimizer):
+    """The optimiser's state arrays (Adam's moments), without its counters."""
+    return [a for a in optimizer.state().values() if not numpy.isscalar(a)]
+
+
 def trained_state_finite(model, optimizer):
     """Are the parameters and the optimiser's state arrays all finite?"""
-    state = [a for a in optimizer.state().values() if not numpy.isscalar(a)]
-    return all_finite(model.xp, [*model.params.values(), *state])
+    return all_finite(model.xp, [*model.params.values(), *state_arrays(optimizer)])
 
 
 def non_finite_cause(model, u, loss, grads, optimizer):
@@ -185,7 +189,7 @@ def non_finite_cause(model, u, loss, grads, optimizer):
     bad = [name for name, g in grads.items() if not all_finite(xp, [g])]
     if bad:
         return f"the gradient of {', '.join(bad)} is not finite: lower --lr or --beta, or use --dtype float64"
-    if not all_finite(xp, [a for a in optimizer.state().values() if not numpy.isscalar(a)]):
+    if not all_finite(xp, state_arrays(optimizer)):
         largest = max(float(xp.abs(g).max()) for g in grads.values())     # (Adam's v holds g * g)
         return (f"a gradient of {largest:.1e} overflowed the optimiser's state (an exploding gradient): "
                 "clip it with --clip, lower --lr or --beta, or use --dtype float64")

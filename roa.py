@@ -402,8 +402,9 @@ def train(model, task, optimizer, plan, progress, log=say, save=None, record=Non
             progress.losses.append(loss)
             train_seconds += time.time() - tick
             done = step - first
-            elapsed = time.time() - start
-            step_seconds = (time.time() - stage_began[0]) / (step - stage_began[1])     # this length's pace so far
+            now = time.time()
+            elapsed = now - start
+            step_seconds = (now - stage_began[0]) / (step - stage_began[1])     # this length's pace so far
             pace = pace_line(done * plan.batch, train_seconds, elapsed, step_seconds, plan.steps - step)
             if step % plan.eval_every == 0 or step == plan.steps:
                 candidate, averaged = model.params, 0
