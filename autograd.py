@@ -271,46 +271,15 @@ def roa_backward(delta, cache):
     (L, N, B) x (L, B, N) costs less than L small ones.
     Returns dL/dx_0 (B, N), dL/dW (L, N, N), dL/db (L, N).
     """
-    xs, steps = cache                                 # (a cache serves one backward pass)
+    xs, steps = cache
     xp = get_array_module(delta)
     L = len(steps)
     dys = xp.empty((L,) + delta.shape, delta.dtype)   # dy_l = dL/dy_l = beta d_l * delta_{l+1}
-    for l in reversed(range(L)):                      # steps.pop() is layer l's cache, freed once used
-        delta, dys[l] = roa_step_backward(delta, steps.pop())
+    for l in reversed(range(L)):
+        delta, dys[l] = roa_step_backward(delta, steps[l])
     dW = dys.transpose(0, 2, 1) @ xs[:L]              # eq (3): dL/dW_l = dy_l x_l^T, summed over the batch
     db = dys.sum(axis=1)                              # eq (3) without the outer product
     return delta, dW, db
-
-
-ROA_BLOCK = 1000        # layers per roa_forward call in roa_forward_blocks
-
-
-def roa_forward_blocks(x, W, O, b, alpha, beta, act, block=ROA_BLOCK):
-    """roa_forward over the layers `block` at a time, the same numbers: a
-    memory trick for very deep stacks. Each block keeps its own cache, so
-    that roa_backward_blocks can free a block's activations as soon as its
-    weight gradients are formed, and the (L, N, N) weight gradient does not
-    pile up on top of all of them (a 50,000-layer step: test_roa.py pins
-    the peak). Returns x_L (B, N) and the list of the blocks' caches."""
-    caches = []
-    for start in range(0, W.shape[0], block):
-        layers = slice(start, start + block)
-        x, cache = roa_forward(x, W[layers], O[layers], b[layers], alpha, beta, act)
-        caches.append(cache)
-    return x, caches
-
-
-def roa_backward_blocks(delta, caches):
-    """roa_backward through the blocks of roa_forward_blocks, the last block
-    first, each one's dL/dx_0 being the delta of the block below; it empties
-    `caches`. Returns dL/dx_0 (B, N), dL/dW (L, N, N), dL/db (L, N)."""
-    dWs, dbs = [], []
-    while caches:
-        delta, dW, db = roa_backward(delta, caches.pop())
-        dWs.insert(0, dW)
-        dbs.insert(0, db)
-    xp = get_array_module(delta)
-    return delta, xp.concatenate(dWs), xp.concatenate(dbs)
 
 
 def roa_inference(x, W, O, b, alpha, beta, act):
@@ -393,7 +362,7 @@ def rnn_backward(dhs, cache):
     and u_t, and one large product costs far less than T small ones.
     Returns dL/dh_0 (B, N), dL/dW (N, N), dL/dU (N, n_in), dL/db (N,).
     """
-    u, hs, steps = cache                              # (a cache serves one backward pass)
+    u, hs, steps = cache
     xp = get_array_module(dhs)
     T, (B, N) = len(steps), dhs.shape[1:]
     unread = T - dhs.shape[0]                         # the loss reads h_t only for t > unread ...
@@ -402,7 +371,7 @@ def rnn_backward(dhs, cache):
     for t in range(T, 0, -1):
         if t > unread:
             g = g + dhs[t - 1 - unread]               # ... and dhs[t-1-unread] is its gradient at h_t
-        g, dys[t - 1] = rnn_step_backward(g, steps.pop())     # step t's cache, freed once used
+        g, dys[t - 1] = rnn_step_backward(g, steps[t - 1])    # step t's cache
     dy_rows = dys.reshape(T * B, N)                   # row t*B + i: dy_{t+1} of sample i
     dW = dy_rows.T @ hs[:T].reshape(T * B, N)         # sum_t dy_t h_{t-1}^T  (hs[t-1] is h_{t-1})
     dU = dy_rows.T @ u.reshape(T * B, -1)             # sum_t dy_t u_t^T      (u[t-1] is u_t)
@@ -497,7 +466,10 @@ def check_rate(name, value):
 
 
 def check_gradients(params, grads):
-    """Every gradient must name a parameter and have its shape."""
+    """The gradients must be a dict, each naming a parameter and of its shape."""
+    if not isinstance(grads, dict):
+        raise RoaError(f"the gradients must be a dict named as the parameters (the first of backward's two "
+                       f"answers), got a {type(grads).__name__}")
     for name, grad in grads.items():
         if name not in params or getattr(grad, "shape", None) != params[name].shape:
             wanted = f"shape {params[name].shape}" if name in params else f"one of {sorted(params)}"

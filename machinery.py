@@ -1,14 +1,18 @@
-"""machinery.py -- what keeps a run of roa.py safe, apart from the models.
+"""machinery.py -- a run of roa.py on the command line, around the training loop.
 
 roa.py holds the models, the training step and the loop; this module holds
-the rest of a run:
-  - the rules every flag and saved value is held to, and the flags themselves;
-  - stop signals (Ctrl-C, SIGTERM, SIGHUP) and printing;
+what a run adds around them, in this order:
+  - the rules of every flag and saved value, and the flags themselves;
+  - the command line: build the task, the model and the optimiser from the
+    flags, train, report (run, main), and load_model;
+  - train's hooks: progress and pace lines, the metrics log, checkpoints
+    on schedule, stop signals (Ctrl-C, SIGTERM, SIGHUP), and how a run
+    ended, in one line;
   - what most likely made a step's numbers NaN or Inf;
   - checkpoint files: written whole or not at all, read without unpickling,
-    every field checked;
-  - the machine: CPU cores and BLAS threads, memory and its estimate, output
-    paths checked before any work.
+    every field checked, one run at a time saving to a path;
+  - output files, checked before any work;
+  - the machine: CPU cores and BLAS threads, memory and its estimate.
 Every user mistake or damaged file becomes one RoaError naming the value and
 what is allowed.
 """
@@ -25,6 +29,7 @@ import shlex
 import signal
 import sys
 import tempfile
+import time
 import zipfile
 import zlib
 from typing import NamedTuple
@@ -32,371 +37,39 @@ from typing import NamedTuple
 import numpy
 from threadpoolctl import threadpool_limits
 
-from autograd import ACTIVATIONS, Adam, RoaError, free_memory, to_numpy
-from tasks import HELD_OUT, MNIST, PRESETS, Synthetic
+from autograd import ACTIVATIONS, SGD, Adam, RoaError, array_module, free_memory, to_numpy
+from roa import (DTYPES, EVAL_BYTES, RULES, SIZE, Hooks, NotFinite, Plan, Progress, RoaFNN, RoaRNN, WeightAverage, all_finite,
+                 check, is_integer, is_real, learning_rate, one_of, train)
+from tasks import HELD_OUT, MNIST, PRESETS, Adding, Copy, Curriculum, DeepMNIST, PsMNIST, Synthetic
 
-DTYPES = ("float32", "float64")
-SCHEDULES = ("constant", "cosine")
-OPTIMIZERS = ("adam", "sgd")
-TASKS = ("adding", "copy", "deepmlp", "psmnist")
-READOUTS = ("last", "every")    # the roaRNN's: from h_T alone, or from every h_t
 
 
 # ------------------------------------------------------------ the rules
 
-def is_integer(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def is_real(value):
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-SIZE = (lambda v: is_integer(v) and v >= 1, "an integer >= 1")
-COUNT = (lambda v: is_integer(v) and v >= 0, "an integer >= 0")
-POSITIVE = (lambda v: is_real(v) and v > 0, "a finite number > 0")
+SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = ("adam", "sgd")
+TASKS = ("adding", "copy", "deepmlp", "psmnist")
 NON_NEGATIVE = (lambda v: is_real(v) and v >= 0, "a finite number >= 0")
-
-
-def one_of(choices):
-    return (lambda v: isinstance(v, str) and v in choices, f"one of {', '.join(choices)}")
-
-
 PATH = (lambda v: v is None or (isinstance(v, str) and v != ""), "a path")
-# What every value of a run may be: the command line, a checkpoint's saved
-# configuration and the models' constructors are all held to these rules.
-RULES = {
-    "n_in": SIZE, "n_out": SIZE, "width": SIZE, "hidden": SIZE, "depth": SIZE, "length": SIZE, "batch": SIZE,
-    "steps": SIZE, "epochs": SIZE, "eval_every": SIZE, "save_every": SIZE, "validation": SIZE,
+# The run's own values join the models' rules (roa.RULES): the command line,
+# a checkpoint's saved configuration and the models' constructors are all
+# held to this one table, by roa.check.
+RULES.update({
+    "length": SIZE, "batch": SIZE, "steps": SIZE, "epochs": SIZE, "eval_every": SIZE, "save_every": SIZE,
+    "validation": SIZE, "threads": SIZE,
     "average_from": (lambda v: is_real(v) and 0 <= v < 1, "a fraction of the run >= 0 and < 1 (0: no weight average)"),
-    "seed": COUNT,
-    "alpha": NON_NEGATIVE, "beta": POSITIVE, "weight_decay": NON_NEGATIVE,
-    "lr": (lambda v: POSITIVE[0](v) or (isinstance(v, list) and len(v) >= 2 and all(map(POSITIVE[0], v))),
+    "weight_decay": NON_NEGATIVE,
+    "lr": (lambda v: is_real(v) and v > 0 or (isinstance(v, list) and len(v) >= 2 and all(is_real(x) and x > 0 for x in v)),
            "a finite number > 0, or one per curriculum stage, such as 2e-3,5e-4"),
     "clip": (NON_NEGATIVE[0], "a finite number >= 0 (0: no clipping)"),
-    "dropout": (lambda v: is_real(v) and 0 <= v < 1, "a number >= 0 and < 1"),
-    "activation": one_of(sorted(ACTIVATIONS)), "dtype": one_of(DTYPES), "optimizer": one_of(OPTIMIZERS),
+    "optimizer": one_of(OPTIMIZERS), "schedule": one_of(SCHEDULES), "task": one_of(TASKS),
     "curriculum": (lambda v: v is None or (isinstance(v, list) and len(v) >= 2
                                            and all(is_integer(T) and T >= 2 for T in v)
                                            and all(a < b for a, b in zip(v, v[1:]))),
                    "two or more lengths >= 2, growing, such as 100,200,500"),
     "advance_at": (lambda v: v is None or is_real(v) and v >= 0, "a finite number >= 0"),
-    "schedule": one_of(SCHEDULES), "readout": one_of(READOUTS), "task": one_of(TASKS), "save": PATH, "metrics": PATH,
-    "threads": SIZE,
-}
-
-
-def check(name, value, source=None):
-    """Raise RoaError naming `value` (and `source`, where it came from) unless
-    RULES[name] allows it; return it."""
-    test, allowed = RULES[name]
-    if not test(value):
-        raise RoaError((f"{source}: " if source else "") + f"{name} must be {allowed}, got {value!r}")
-    return value
-
-
-def kept_bytes(unrolled, batch, width, dtype):
-    """Bytes of the activations that backprop keeps through `unrolled` layers
-    (or time steps): every layer's input x_l (h_t), the last output, and
-    every phi' -- the floor of a training step's memory."""
-    return (2 * unrolled + 1) * batch * width * numpy.dtype(dtype).itemsize
-
-
-# ------------------------------------------------------------ signals and output
-
-EVAL_BYTES = 2**30          # the most that one chunk of an evaluation may take
-STOP_SIGNALS = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
-
-
-class Stopped(Exception):
-    """A stop signal arrived during training; the step in hand was finished
-    (and saved, with --save). args: (signal number, step)."""
-
-
-class StopNow(BaseException):
-    """A second stop signal: leave at once. args: (signal number,)."""
-
-
-class StopSignals:
-    """While active, the first SIGINT, SIGTERM or SIGHUP (Ctrl-C, a cluster's
-    preemption, a closed terminal) only asks training to stop after the step
-    in hand, so that a checkpoint always holds whole steps; a second one
-    stops at once (StopNow). A signal that the run was started to ignore
-    (SIGHUP under nohup, SIGINT in a shell's background job) stays ignored."""
-
-    def __enter__(self):
-        self.signum = None
-        self.previous = {s: signal.signal(s, self.request) for s in STOP_SIGNALS
-                         if signal.getsignal(s) is not signal.SIG_IGN}   # (nohup's ignored SIGHUP stays ignored)
-        return self
-
-    def request(self, signum, frame):
-        if self.signum is not None:
-            raise StopNow(signum)
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-def say(line):
-    """Print a line on stdout. When the reader has gone (output piped into
-    `head`) or stdout cannot be written (a full disk), printing stops but the
-    run goes on: stdout becomes /dev/null."""
-    try:
-        print(line, flush=True)
-    except OSError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-
-
-# ------------------------------------------------------ numbers gone wrong
-
-
-def all_finite(xp, arrays):
-    """Do all these arrays hold finite numbers only?"""
-    return all(bool(xp.isfinite(a).all()) for a in arrays)
-
-
-def state_arrays(optimizer):
-    """The optimiser's state arrays (Adam's moments), without its counters."""
-    return [a for a in optimizer.state().values() if not numpy.isscalar(a)]
-
-
-def trained_state_finite(model, optimizer):
-    """Are the parameters and the optimiser's state arrays all finite?"""
-    return all_finite(model.xp, [*model.params.values(), *state_arrays(optimizer)])
-
-
-def non_finite_cause(model, u, loss, grads, optimizer):
-    """What most likely made a step's numbers NaN or Inf, and what to do.
-    grads: the step's gradients, None where the loss stopped it first."""
-    xp, lr = model.xp, optimizer.lr
-    decay = getattr(optimizer, "weight_decay", 0)
-    if not all_finite(xp, [u]):
-        return "the training batch itself holds NaN or Inf: check the data"
-    if decay and lr * decay >= 1:                        # each step multiplies by 1 - lr lambda <= 0
-        return (f"--weight-decay {decay:g} at learning rate {lr:g} flips the parameters' sign every step "
-                f"(lr times weight decay is {lr * decay:g} >= 1): lower --weight-decay")
-    if not math.isfinite(loss):                          # (then the parameters are those before this step)
-        largest = max(float(xp.abs(p).max()) for p in model.params.values())
-        if largest > 1e6:
-            return f"the loss is {loss}: the parameters have grown to {largest:.1e} at learning rate {lr:g}: lower --lr"
-        if model.alpha > 1:
-            return (f"the loss is {loss}: with --alpha {model.alpha} > 1 the state can grow like alpha to the "
-                    "power of the depth or length; use --alpha <= 1")
-        return f"the loss is {loss}: lower --beta or --lr, or use --dtype float64"
-    bad = [name for name, g in grads.items() if not all_finite(xp, [g])]
-    if bad:
-        return f"the gradient of {', '.join(bad)} is not finite: lower --lr or --beta, or use --dtype float64"
-    if not all_finite(xp, state_arrays(optimizer)):
-        largest = max(float(xp.abs(g).max()) for g in grads.values())     # (Adam's v holds g * g)
-        return (f"a gradient of {largest:.1e} overflowed the optimiser's state (an exploding gradient): "
-                "clip it with --clip, lower --lr or --beta, or use --dtype float64")
-    return f"the update at learning rate {lr:g} overflowed the parameters: lower --lr"
-
-
-def pace_line(examples, train_seconds, elapsed, step_seconds, left):
-    """The end of a progress line: training examples per second of training
-    (evaluation excluded), the time since the run (re)started, and the time
-    left if each of the `left` steps takes step_seconds."""
-    return (f"{examples / train_seconds:,.0f} ex/s  elapsed {clock(elapsed)}  "
-            f"ETA {clock(step_seconds * left)}")
-
-
-def clock(seconds):
-    minutes, seconds = divmod(int(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"
-
-
-# --------------------------------------------------------- checkpoints
-
-def prefixed(prefix, arrays):
-    """{"W": a} -> {"prefix.W": a as NumPy}: one group of a checkpoint's arrays."""
-    return {f"{prefix}.{k}": to_numpy(a) for k, a in arrays.items()}
-
-
-def unprefixed(prefix, arrays):
-    """The group `prefix` of a checkpoint's arrays, names without the prefix."""
-    return {k[len(prefix) + 1:]: a for k, a in arrays.items() if k.startswith(prefix + ".")}
-
-
-def write_whole(path, write):
-    """Call write(file) to fill the file at `path`, so that `path` holds either
-    its old content or the whole new one, whatever happens: the bytes go to a
-    new temporary file in the same folder -- created exclusively, so never
-    through a planted link, and unique, so that two writers never share it --
-    which is flushed to disk, renamed over `path`, and the folder's entry
-    flushed too."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, temporary = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)                     # the permissions of a file made by open()
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(temporary)
-        raise
-    folder_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(folder_fd)
-    finally:
-        os.close(folder_fd)
-
-
-def save_checkpoint(path, model, optimizer, config, progress):
-    """Write the whole run to the .npz `path` (write_whole): parameters,
-    optimiser state, configuration and plan, and the progress (step, losses
-    since the last report, best validation report with its parameters,
-    weight average). Where `path` cannot be written (a full disk, a file
-    size limit, a folder gone), the checkpoint goes beside it, else into
-    the temporary folder: rescue_paths. Returns the path written; RoaError
-    if none could be."""
-    average = progress.average
-    arrays = {**prefixed("param", model.params), **prefixed("optim", optimizer.state()),
-              **prefixed("average", average.state() if average else {}),
-              **prefixed("best", progress.best_params or {})}
-    arrays.update(step=numpy.array(progress.step), config=numpy.array(json.dumps(config)),
-                  progress=numpy.array(json.dumps(progress.state())), filters=model.filters)
-    failure = None
-    for where in (path, *rescue_paths(path)):
-        try:
-            write_whole(where, lambda f: numpy.savez(f, **arrays))
-            return where
-        except OSError as err:
-            failure = failure or err
-    raise RoaError(f"could not save the checkpoint {path!r} at step {progress.step} ({failure}), nor beside it "
-                   "or in the temporary folder; the previous checkpoint there, if any, is unchanged")
-
-
-def rescue_paths(path):
-    """Where a checkpoint goes when `path` cannot be written: beside it, then
-    in the temporary folder, each named after the path and this process."""
-    name = f"{os.path.basename(path)}.rescued-{os.getpid()}.npz"
-    return [os.path.join(os.path.dirname(os.path.abspath(path)), name), os.path.join(tempfile.gettempdir(), name)]
-
-
-def filter_fingerprint(O):
-    """A few numbers that identify the fixed orthogonal filters O (which a
-    checkpoint does not store: they are drawn again from the seed)."""
-    O = O.reshape(-1, O.shape[-1])
-    return numpy.array([O.sum(), (O * O[::-1]).sum(), O[0, 0], O[-1, -1]], dtype=numpy.float64)
-
-
-class Checkpoint(NamedTuple):
-    config: dict        # the run's flags, its plan included
-    step: int           # the last step done
-    params: dict        # name -> NumPy array
-    optim: dict         # the optimiser's state
-    filters: object     # filter_fingerprint of the model's O
-    average: dict       # the weight average's state (empty without one)
-    best: dict          # the best validation report's parameters (empty in older checkpoints)
-    progress: dict      # Progress.state() (empty in older checkpoints)
-
-
-REQUIRED_CONFIG = ("task", "hidden", "alpha", "beta", "activation", "dtype", "seed", "optimizer", "lr", "batch")
-
-
-def read_arrays(path):
-    """The arrays of the .npz archive at `path`, each header checked against
-    the bytes the archive really holds before anything is allocated; never
-    unpickling."""
-    if not os.path.isfile(path):
-        raise RoaError(f"no checkpoint at {path!r}" if not os.path.exists(path) else f"{path!r} is not a file")
-    try:
-        if not zipfile.is_zipfile(path):
-            raise RoaError(f"{path!r} is not a roa checkpoint (not an .npz archive)")
-        with zipfile.ZipFile(path) as archive:
-            inflated, free = sum(member.file_size for member in archive.infolist()), memory_left(numpy)
-            if free is not None and inflated > 0.9 * free:
-                raise RoaError(f"{path!r} would take {inflated / 1e9:.1f} GB once read, but only "
-                               f"{free / 1e9:.1f} GB is free: a damaged checkpoint, or the wrong file")
-            for member in archive.infolist():
-                with archive.open(member) as f:
-                    major, _ = numpy.lib.format.read_magic(f)
-                    read_header = (numpy.lib.format.read_array_header_1_0 if major == 1
-                                   else numpy.lib.format.read_array_header_2_0)
-                    shape, _, dtype = read_header(f)
-                if dtype.hasobject or math.prod(shape) * dtype.itemsize > member.file_size:
-                    raise RoaError(f"{path!r} is not a roa checkpoint: its array {member.filename!r} "
-                                   f"({shape}, {dtype}) is damaged or not plain numbers")
-        with numpy.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
-    except RoaError:
-        raise
-    except (OSError, ValueError, EOFError, RuntimeError, NotImplementedError, zipfile.BadZipFile, zlib.error) as err:
-        raise RoaError(f"{path!r} is not a readable roa checkpoint ({err})") from None
-
-
-def load_checkpoint(path):
-    """The Checkpoint saved at `path`, each field checked: one clear RoaError
-    for anything that is not a whole, finite roa checkpoint."""
-    arrays = read_arrays(path)
-    missing = [k for k in ("config", "step", "filters") if k not in arrays]
-    if missing:
-        raise RoaError(f"{path!r} is not a roa checkpoint (it has no {', '.join(missing)})")
-    try:
-        config = json.loads(str(arrays.pop("config")))
-        progress = json.loads(str(arrays.pop("progress"))) if "progress" in arrays else {}
-    except ValueError as err:
-        raise RoaError(f"{path!r}: its configuration is damaged ({err})") from None
-    step = arrays.pop("step")
-    if not isinstance(config, dict) or not isinstance(progress, dict):
-        raise RoaError(f"{path!r}: its configuration is damaged (not a JSON object)")
-    if step.shape != () or step.dtype.kind not in "iu" or step < 0:
-        raise RoaError(f"{path!r}: its step must be one integer >= 0, got {step.tolist()!r}")
-    absent = [name for name in REQUIRED_CONFIG if config.get(name) is None]
-    if absent:
-        raise RoaError(f"{path!r} is not a roa checkpoint (its configuration has no {', '.join(absent)})")
-    for name, value in config.items():
-        if name in RULES and value is not None:
-            check(name, value, source=path)
-    check_rates(config["lr"], config.get("curriculum"), source=path)
-    check_progress(progress, path)
-    for name, a in arrays.items():
-        if a.dtype.kind not in "fiu":
-            raise RoaError(f"{path!r}: {name} holds {a.dtype} values; a checkpoint holds real numbers")
-        if a.dtype.kind == "f" and not numpy.isfinite(a).all():
-            raise RoaError(f"{path!r} holds NaN or Inf in {name}: it cannot be trained from")
-    return Checkpoint(config, int(step), unprefixed("param", arrays), unprefixed("optim", arrays),
-                      arrays["filters"], unprefixed("average", arrays), unprefixed("best", arrays), progress)
-
-
-def check_progress(progress, path):
-    """A checkpoint's progress: finite training losses, and a best report
-    with a number for its metric (which may have overflowed to Inf) and a step."""
-    losses, metric, step = progress.get("losses", []), progress.get("best_metric"), progress.get("best_step", 0)
-    stage = progress.get("stage", 0)
-    metric_ok = metric is None or (isinstance(metric, numbers.Real) and not isinstance(metric, bool)
-                                   and not math.isnan(metric))
-    if (not isinstance(losses, list) or not all(is_real(x) for x in losses) or not metric_ok
-            or not is_integer(step) or step < 0 or not is_integer(stage) or stage < 0):
-        raise RoaError(f"{path!r}: its progress record is damaged ({progress!r:.200})")
-
-
-def restore(model, path, params, filters):
-    """Put a checkpoint's parameters into a freshly built model, after checking
-    that they fit it."""
-    if filters is None or not numpy.allclose(filters, model.filters, rtol=1e-5, atol=1e-6):
-        raise RoaError(f"{path!r}: its orthogonal filters O differ from those drawn from the seed here")
-    check_shapes(model, path, params)
-    model.set_params(params)
-
-
-def check_shapes(model, path, params, what="parameter"):
-    """Does every parameter of the model have an array of real numbers of its
-    shape in `params`?"""
-    for name, value in model.params.items():
-        if name not in params or params[name].shape != value.shape or params[name].dtype.kind != "f":
-            got = f"{params[name].shape} {params[name].dtype}" if name in params else "nothing"
-            raise RoaError(f"{path!r} holds {got} for the {what} {name}, the model needs {value.shape} floats")
-
+    "save": PATH, "metrics": PATH,
+})
 
 # what a checkpoint's parameters fix: starting from them (--init) with another value is a mistake
 ARCHITECTURE_FLAGS = ("task", "hidden", "depth", "alpha", "beta", "activation", "dtype", "seed")
@@ -519,46 +192,6 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def available_cores(root="/sys/fs/cgroup"):
-    """The CPU cores this process may really use: those of its affinity mask,
-    capped by a container's CPU quota (cgroup v2 cpu.max, or v1 cpu.cfs_quota_us)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    quota = None
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        with open(os.path.join(root, "cpu.max")) as f:                   # cgroup v2: "max 100000" or "200000 100000"
-            limit, period = f.read().split()[:2]
-            quota = None if limit == "max" else int(limit) / int(period)
-    if quota is None:
-        with contextlib.suppress(OSError, ValueError):
-            with open(os.path.join(root, "cpu", "cpu.cfs_quota_us")) as q, \
-                    open(os.path.join(root, "cpu", "cpu.cfs_period_us")) as p:
-                limit, period = int(q.read()), int(p.read())
-                quota = limit / period if limit > 0 else None
-    return max(1, min(cores, int(quota))) if quota else cores
-
-
-AUTO_THREADS_WIDTH = 1024    # the width from which a second BLAS thread pays (docs/RESULTS.md, Speed)
-
-
-def auto_threads(width, cores):
-    """The BLAS threads of `--threads auto`: one, unless the model is wide
-    enough for more to pay and the machine has cores to spare. The products
-    of a training step are small; on this project's measurements a second
-    thread gains little on them even on a quiet machine, and when another
-    process holds a core, two threads are several times slower than one."""
-    if width < AUTO_THREADS_WIDTH or cores < 4:
-        return 1
-    return min(cores // 2, 4)
-
-
-def use_threads(flag, width):
-    """Limit BLAS to the threads of --threads (an integer, or "auto":
-    auto_threads for a model of this width); return their number."""
-    threads = auto_threads(width, available_cores()) if flag == "auto" else flag
-    threadpool_limits(threads, user_api="blas")
-    return threads
-
-
 def thread_count(text):
     """An argparse type: 'auto', or an integer from 1 to the machine's cores
     (more BLAS threads than cores only queue for them)."""
@@ -661,24 +294,6 @@ def resume_plan(args, saved, path):
                        "with --steps or --epochs")
 
 
-def data_source(folder, task):
-    """What a checkpoint records of an MNIST run's data: the folder and the
-    data's SHA-256; nothing for a synthetic task."""
-    if not isinstance(task, MNIST):
-        return {}
-    return {"data_dir": os.path.abspath(folder), "data_sha256": task.data_sha256}
-
-
-def check_same_data(saved, task, path):
-    """A resumed MNIST run must train on the data it was trained on: the
-    checkpoint records its folder and the data's SHA-256 (tasks.data_digest)."""
-    recorded = saved.get("data_sha256")
-    if recorded is not None and recorded != getattr(task, "data_sha256", None):
-        raise RoaError(f"{path!r} was trained on other MNIST data ({saved.get('data_dir')}, SHA-256 "
-                       f"{recorded[:12]}...) than the files found now; point --data-dir at that data, or start "
-                       "a new run from its parameters on this data with --init")
-
-
 def planned_steps(args, task, saved=None, taken=0):
     """The run's last step: --steps, or --epochs times the steps of an epoch,
     or on --resume the checkpoint's plan, which a resume may extend, or
@@ -702,6 +317,651 @@ def planned_steps(args, task, saved=None, taken=0):
                        "start a new run from its parameters with --init instead")
     return given
 
+
+# ------------------------------------------------------------ the command line
+
+TASK_CLASSES = {"adding": Adding, "copy": Copy, "psmnist": PsMNIST, "deepmlp": DeepMNIST}
+
+
+def make_task(args, log):
+    task_class = TASK_CLASSES[args.task]
+    if not issubclass(task_class, MNIST):
+        return Curriculum([task_class(T) for T in args.curriculum]) if args.curriculum else task_class(args.length)
+    folder = args.data_dir or DEFAULT_DATA_DIR
+    return task_class(folder, fetch=same_file(folder, DEFAULT_DATA_DIR), validation_size=args.validation, log=log)
+
+
+def make_model(args, task):
+    """The model of the flags `args` (a Namespace or a checkpoint's config) for
+    `task` (a task, or its class)."""
+    common = dict(alpha=args.alpha, beta=args.beta, activation=args.activation, dtype=args.dtype,
+                  seed=args.seed, device=args.device, dropout=args.dropout)
+    if task.model == "fnn":
+        return RoaFNN(task.n_in, task.n_out, width=args.hidden, depth=args.depth, **common)
+    return RoaRNN(task.n_in, task.n_out, hidden=args.hidden, readout=task.readout, **common)
+
+
+def load_model(path, device="cpu"):
+    """The model saved in the checkpoint at `path`, built as it was trained
+    and holding the parameters that the run's test scored (its best
+    validation report's, where the checkpoint has them), ready to predict
+    with model.inference(u). Returns (model, its configuration)."""
+    checkpoint = load_checkpoint(path)
+    config = {"depth": None, "dropout": 0.0, **checkpoint.config, "device": device}
+    model = make_model(argparse.Namespace(**config), TASK_CLASSES[config["task"]])
+    restore(model, path, checkpoint.best or checkpoint.params, checkpoint.filters)
+    return model, checkpoint.config
+
+
+def describe(args, task, steps):
+    curriculum = ""
+    if args.curriculum:
+        on_at = f", on at {args.advance_at:g}" if args.advance_at is not None else ""
+        curriculum = f" (curriculum {','.join(map(str, args.curriculum))}{on_at})"
+    shape = (f"roaFNN L={args.depth} N={args.hidden}" if task.model == "fnn"
+             else f"T={task.T}{curriculum} | roaRNN N={args.hidden}")
+    regularisers = (f" weight decay {args.weight_decay}" if args.weight_decay else "") + \
+        (f" clip {args.clip}" if args.clip else "") + \
+        (f" dropout {args.dropout}" if args.dropout else "")
+    return (f"roa: {task.name} {shape} alpha={args.alpha} beta={args.beta} {args.activation} | "
+            f"{args.optimizer} lr={rates_text(args.lr)} ({args.schedule}){regularisers} batch {args.batch} | "
+            f"{steps} steps | {args.device} {args.dtype} | seed {args.seed}")
+
+
+def run(args, log=None):
+    """Build the task, the model and the optimiser from the flags, train, report
+    (each line to `log`, by default say). Returns (test loss, test metric)."""
+    wall, log = time.time(), log or say
+    check_flags(args)
+    source = args.resume or args.init                   # the checkpoint to start from, if any
+    checkpoint = load_checkpoint(source) if source else None
+    check_task_flags(args, args.task or checkpoint.config["task"])
+    saved = checkpoint.config if args.resume else None  # the run to continue, if any
+    if args.resume:
+        resume_plan(args, saved, args.resume)
+    fill_defaults(args, checkpoint and checkpoint.config, TRAINING_FLAGS if args.resume else ARCHITECTURE_FLAGS)
+    if args.weight_decay and args.optimizer != "adam":
+        raise RoaError(f"--weight-decay {args.weight_decay} is Adam's (AdamW); with --optimizer sgd leave it out")
+    for flag, path in (("--save", args.save), ("--metrics", args.metrics)):
+        if path:
+            prepare_output(flag, path, log, replace=args.overwrite or same_file(path, args.resume))
+    if args.resume and args.data_dir is None:           # the data the run was trained on
+        args.data_dir = saved.get("data_dir")
+    task = make_task(args, log)
+    if saved:
+        check_same_data(saved, task, args.resume)
+    steps = planned_steps(args, task, saved, checkpoint.step if args.resume else 0)
+    args.eval_every = args.eval_every or max(1, steps // 20)
+    check_memory(args, task, array_module(args.device))
+    threads = use_threads(args.threads, args.hidden)
+    if saved and saved.get("threads") not in (None, threads):
+        log(f"roa: resuming with {threads} BLAS thread{'s' * (threads > 1)} where the run had {saved['threads']}: "
+            "sums may round differently, so the run will not end bit for bit as it would have (--threads)")
+    model = make_model(args, task)
+    filters = filter_fingerprint(model.O)
+    plan = Plan(steps, args.batch, args.seed, args.eval_every, args.lr, args.schedule, args.save_every or 0,
+                args.advance_at)
+    lr = learning_rate(plan, 1)                         # (train sets each step's rate)
+    optimizer = Adam(lr, args.weight_decay, args.clip) if args.optimizer == "adam" else SGD(lr, args.clip)
+    average_start = max(1, math.ceil(args.average_from * steps))        # the fraction's first step
+    progress = Progress(WeightAverage(average_start) if args.average_from else None)
+    if checkpoint:
+        restore(model, source, checkpoint.params, checkpoint.filters)
+    if args.resume:
+        continue_progress(model, optimizer, progress, checkpoint, args.resume)
+        if progress.stage >= len(task.stages):
+            raise RoaError(f"{args.resume!r}: its curriculum stage {progress.stage + 1} does not exist "
+                           f"(the run has {len(task.stages)})")
+        log(f"roa: {args.resume} finished its run at step {progress.step}: scoring it on the test set "
+            "(a longer run: --steps or --epochs)" if progress.step >= steps
+            else f"roa: resuming {args.resume} at step {progress.step}")
+    elif args.init:
+        log(f"roa: starting from the parameters of {args.init} (its step {checkpoint.step}), a fresh optimiser")
+    config = {name: getattr(args, name) for name in TRAINING_FLAGS + PLAN_FLAGS}
+    config.update(steps=steps, threads=threads)
+    config.update(data_source(args.data_dir or DEFAULT_DATA_DIR, task))
+    unsaved = []                                        # the last save's error, where every place failed
+
+    def save(progress):
+        try:
+            written = save_checkpoint(args.save, model, filters, optimizer, config, progress)
+        except RoaError as err:
+            if progress.step < steps:
+                raise
+            unsaved.append(err)                         # a finished run: its test result is computed first
+            return
+        if written != args.save:                        # from now on the run saves there
+            say(f"roa: could not write {args.save}; the checkpoint of step {progress.step} is at {written}, "
+                "and the run's later checkpoints will be too")
+            args.save = written
+    log(describe(args, task, steps) + f" | {threads} BLAS thread{'s' * (threads > 1)}")
+    with exclusive(args.save), metrics_log(args.metrics, progress.step if args.resume else None) as record, \
+            StopSignals() as stop:
+        hooks = RunHooks(task, plan, progress, log, args.save and save, record, stop)
+        try:
+            test_loss, test_metric, best_step = train(model, task, optimizer, plan, progress, hooks)
+        except NotFinite as err:
+            step, u, loss, grads = err.args
+            raise RoaError(f"training stopped at step {step}: {non_finite_cause(model, u, loss, grads, optimizer)}; "
+                           "the last checkpoint saved, if any, is kept as it was") from None
+        if stop.signum:                                 # it came while the test set was scored
+            raise Stopped(stop.signum, progress.step)
+        if record:                                      # the log's last line: the test result
+            record(dict(test_loss=test_loss, test_metric=test_metric, chosen_step=best_step))
+    epochs = steps / task.steps_per_epoch(args.batch) if isinstance(task, MNIST) else None
+    verdict = "SOLVED" if task.solved(test_metric, epochs) else "not solved"
+    if progress.stage < len(task.stages) - 1:
+        verdict += f", the curriculum got no further than T={task.stages[progress.stage].T}"
+    chosen = "the best on validation" if progress.best_params is not None else \
+        "the last step's: no validation report reached the curriculum's last length"
+    say(f"roa: {task.name}: test {task.metric_name} {test_metric:.4f}, test loss {test_loss:.4f} "
+        f"(baseline {task.baseline:.3f}; parameters of step {best_step}, {chosen}) "
+        f"-> {verdict} ({task.criterion(epochs)}); "
+        f"wall time {clock(time.time() - wall)}" + (f"; saved {args.save}" if args.save and not unsaved else ""))
+    if unsaved:
+        raise unsaved[0]
+    return test_loss, test_metric
+
+
+def main(argv=None):
+    """The command line: run, and turn a mistake, a damaged file or a stop
+    signal into one line on stderr and the exit status."""
+    args = parse_args(argv)
+    try:
+        run(args, log=(lambda line: None) if args.quiet else say)
+    except (RoaError, Stopped, StopNow, KeyboardInterrupt) as err:
+        line, status = why_it_ended(err, args.save)
+        print(f"roa.py: {line}", file=sys.stderr)
+        return status
+    return 0
+
+
+
+# --------------------------------------------- train's hooks, signals, lines
+
+HEARTBEAT_SECONDS = 30      # between progress lines when validation reports are further apart
+STOP_SIGNALS = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
+
+
+class RunHooks(Hooks):
+    """train's hooks for a run of the command line: each report's line with
+    the run's pace, a line every HEARTBEAT_SECONDS when reports are further
+    apart, the metrics log (`record`), checkpoints (`save`) on schedule, at
+    the end and when a stop signal came (`stop`, a StopSignals)."""
+
+    def __init__(self, task, plan, progress, log, save, record, stop):
+        self.task, self.plan, self.progress = task, plan, progress
+        self.log, self.save, self.record, self.stop = log, save, record, stop
+        self.first = progress.step                      # the step this run (re)started after
+        self.start = self.last_line = time.time()
+        self.stage_began = (self.start, progress.step)  # when, and after which step, it began its current length
+
+    def pace(self, step):
+        """Training examples per second since the run (re)started, the time
+        since then, and the time left at the pace of the current length:
+        a dict, and in words."""
+        now = time.time()
+        began, after = self.stage_began
+        pace = dict(examples_per_s=(step - self.first) * self.plan.batch / (now - self.start),
+                    elapsed_s=now - self.start)
+        left = (now - began) / max(1, step - after) * (self.plan.steps - step)
+        return pace, f"{pace['examples_per_s']:,.0f} ex/s  elapsed {clock(now - self.start)}  ETA {clock(left)}"
+
+    def reported(self, report, line):
+        pace, words = self.pace(report["step"])
+        report.update(pace)
+        self.log(f"{line}  {words}")
+        self.last_line = time.time()
+        if self.record:
+            try:
+                self.record(report)
+            except OSError as err:
+                if self.save:
+                    self.save(self.progress)
+                raise RoaError(f"training stopped after step {report['step']}: could not write the metrics log "
+                               f"({err})" + ("; the checkpoint is saved" if self.save else "")) from None
+
+    def moved_on(self, report, stage):
+        why = ("solved on validation" if self.plan.advance_at is None else
+               f"validation {self.task.metric_name} {report['val_metric']:.4f} reached {self.plan.advance_at:g}")
+        now = f"now T={stage.T}"
+        if isinstance(self.plan.lr, list):
+            now += f" at lr {learning_rate(self.plan, report['step'] + 1, self.progress.stage):g}"
+        self.log(f"roa: T={report['length']} {why} at step {report['step']}; {now}")
+        self.stage_began = (time.time(), report["step"])
+
+    def step_done(self, progress):
+        step, stages = progress.step, self.task.stages
+        if progress.losses and time.time() - self.last_line > HEARTBEAT_SECONDS:    # slow steps: where we are
+            where = "" if len(stages) == 1 else f"[T={stages[progress.stage].T}, stage {progress.stage + 1}/{len(stages)}]  "
+            self.log(f"step {step:>{len(str(self.plan.steps))}}/{self.plan.steps}  {where}"
+                     f"loss {progress.losses[-1]:.4f}  {self.pace(step)[1]}")
+            self.last_line = time.time()
+        if self.save and (step == self.plan.steps or self.stop.signum
+                          or (self.plan.save_every and step % self.plan.save_every == 0)):
+            self.save(progress)
+        if self.stop.signum:
+            raise Stopped(self.stop.signum, step)
+
+
+
+class Stopped(Exception):
+    """A stop signal arrived during training; the step in hand was finished
+    (and saved, with --save). args: (signal number, step)."""
+
+
+class StopNow(BaseException):
+    """A second stop signal: leave at once. args: (signal number,)."""
+
+
+class StopSignals:
+    """While active, the first SIGINT, SIGTERM or SIGHUP (Ctrl-C, a cluster's
+    preemption, a closed terminal) only asks training to stop after the step
+    in hand, so that a checkpoint always holds whole steps; a second one
+    stops at once (StopNow). A signal that the run was started to ignore
+    (SIGHUP under nohup, SIGINT in a shell's background job) stays ignored."""
+
+    def __enter__(self):
+        self.signum = None
+        self.previous = {s: signal.signal(s, self.request) for s in STOP_SIGNALS
+                         if signal.getsignal(s) is not signal.SIG_IGN}   # (nohup's ignored SIGHUP stays ignored)
+        return self
+
+    def request(self, signum, frame):
+        if self.signum is not None:
+            raise StopNow(signum)
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def say(line):
+    """Print a line on stdout. When the reader has gone (output piped into
+    `head`) or stdout cannot be written (a full disk), printing stops but the
+    run goes on: stdout becomes /dev/null."""
+    try:
+        print(line, flush=True)
+    except OSError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def clock(seconds):
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"
+
+
+@contextlib.contextmanager
+def metrics_log(path, resumed_at=None):
+    """With --metrics PATH: a function that appends a validation report to
+    the file as one JSON line, flushed; without: None. A resumed run
+    (resumed_at: the checkpoint's step) first keeps of the log only the whole
+    lines of the reports up to that step: a line cut by a kill, or reports
+    made after the checkpoint (to be made again), go."""
+    if not path:
+        yield None
+        return
+    if resumed_at is not None and os.path.isfile(path):
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+        kept = [line for line in lines if report_step(line) is not None and report_step(line) <= resumed_at]
+        if len(kept) != len([line for line in lines if line.strip()]):
+            write_whole(path, lambda f: f.write(b"".join(line + b"\n" for line in kept)))
+    try:
+        log = open(path, "a")
+    except OSError as err:
+        raise RoaError(f"cannot write the metrics log {path!r}: {err.strerror}") from None
+    try:
+        with log:
+            yield lambda report: print(json.dumps(report), file=log, flush=True)
+    except OSError as err:                              # (closing: the last bytes would not go to disk)
+        raise RoaError(f"could not finish the metrics log {path!r} ({err})") from None
+
+
+def report_step(line):
+    """The step of one line of a metrics log, None unless it is a whole report."""
+    try:
+        report = json.loads(line)
+        return report["step"] if isinstance(report, dict) and is_integer(report.get("step")) else None
+    except ValueError:
+        return None
+
+
+def why_it_ended(err, save):
+    """The line that roa.py prints on stderr when a run ends early, and its
+    exit status: 2 for a mistake or a damaged file (RoaError), 128 + the
+    signal's number for a stop signal. save: the run's --save path."""
+    if isinstance(err, RoaError):
+        return f"error: {err}", 2
+    if isinstance(err, Stopped):
+        signum, step = err.args
+        saved = (f"saved {save}; continue with: python roa.py --resume {shlex.quote(save)}" if save
+                 else "nothing saved (no --save)")
+        return f"stopped by {STOP_SIGNALS[signum]} after step {step}: {saved}", 128 + signum
+    if isinstance(err, StopNow):
+        signum, = err.args
+        return (f"stopped at once by a second {STOP_SIGNALS[signum]}; the last checkpoint saved, if any, "
+                "is as it was", 128 + signum)
+    return "interrupted outside training; the last checkpoint saved, if any, is as it was", 130
+
+
+# ------------------------------------------------------ numbers gone wrong
+
+def state_arrays(optimizer):
+    """The optimiser's state arrays (Adam's moments), without its counters."""
+    return [a for a in optimizer.state().values() if not numpy.isscalar(a)]
+
+
+def non_finite_cause(model, u, loss, grads, optimizer):
+    """What most likely made a step's numbers NaN or Inf, and what to do.
+    grads: the step's gradients, None where the loss stopped it first."""
+    xp, lr = model.xp, optimizer.lr
+    decay = getattr(optimizer, "weight_decay", 0)
+    if not all_finite(xp, [u]):
+        return "the training batch itself holds NaN or Inf: check the data"
+    if decay and lr * decay >= 1:                        # each step multiplies by 1 - lr lambda <= 0
+        return (f"--weight-decay {decay:g} at learning rate {lr:g} flips the parameters' sign every step "
+                f"(lr times weight decay is {lr * decay:g} >= 1): lower --weight-decay")
+    if not math.isfinite(loss):                          # (then the parameters are those before this step)
+        largest = max(float(xp.abs(p).max()) for p in model.params.values())
+        if largest > 1e6:
+            return f"the loss is {loss}: the parameters have grown to {largest:.1e} at learning rate {lr:g}: lower --lr"
+        if model.alpha > 1:
+            return (f"the loss is {loss}: with --alpha {model.alpha} > 1 the state can grow like alpha to the "
+                    "power of the depth or length; use --alpha <= 1")
+        return f"the loss is {loss}: lower --beta or --lr, or use --dtype float64"
+    bad = [name for name, g in grads.items() if not all_finite(xp, [g])]
+    if bad:
+        return f"the gradient of {', '.join(bad)} is not finite: lower --lr or --beta, or use --dtype float64"
+    if not all_finite(xp, state_arrays(optimizer)):
+        largest = max(float(xp.abs(g).max()) for g in grads.values())     # (Adam's v holds g * g)
+        return (f"a gradient of {largest:.1e} overflowed the optimiser's state (an exploding gradient): "
+                "clip it with --clip, lower --lr or --beta, or use --dtype float64")
+    return f"the update at learning rate {lr:g} overflowed the parameters: lower --lr"
+
+
+# --------------------------------------------------------- checkpoints
+
+def prefixed(prefix, arrays):
+    """{"W": a} -> {"prefix.W": a as NumPy}: one group of a checkpoint's arrays."""
+    return {f"{prefix}.{k}": to_numpy(a) for k, a in arrays.items()}
+
+
+def unprefixed(prefix, arrays):
+    """The group `prefix` of a checkpoint's arrays, names without the prefix."""
+    return {k[len(prefix) + 1:]: a for k, a in arrays.items() if k.startswith(prefix + ".")}
+
+
+def write_whole(path, write):
+    """Call write(file) to fill the file at `path`, so that `path` holds either
+    its old content or the whole new one, whatever happens: the bytes go to a
+    new temporary file in the same folder -- created exclusively, so never
+    through a planted link, and unique, so that two writers never share it --
+    which is flushed to disk, renamed over `path`, and the folder's entry
+    flushed too."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)                     # the permissions of a file made by open()
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
+    folder_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(folder_fd)
+    finally:
+        os.close(folder_fd)
+
+
+def save_checkpoint(path, model, filters, optimizer, config, progress):
+    """Write the whole run to the .npz `path` (write_whole): parameters,
+    optimiser state, configuration and plan, and the progress (step, losses
+    since the last report, best validation report with its parameters,
+    weight average). Where `path` cannot be written (a full disk, a file
+    size limit, a folder gone), the checkpoint goes beside it, else into
+    the temporary folder: rescue_paths. Returns the path written; RoaError
+    if none could be."""
+    average = progress.average
+    arrays = {**prefixed("param", model.params), **prefixed("optim", optimizer.state()),
+              **prefixed("average", average.state() if average else {}),
+              **prefixed("best", progress.best_params or {})}
+    arrays.update(step=numpy.array(progress.step), config=numpy.array(json.dumps(config)),
+                  progress=numpy.array(json.dumps(progress.state())), filters=filters)
+    failure = None
+    for where in (path, *rescue_paths(path)):
+        try:
+            write_whole(where, lambda f: numpy.savez(f, **arrays))
+            return where
+        except OSError as err:
+            failure = failure or err
+    raise RoaError(f"could not save the checkpoint {path!r} at step {progress.step} ({failure}), nor beside it "
+                   "or in the temporary folder; the previous checkpoint there, if any, is unchanged")
+
+
+def rescue_paths(path):
+    """Where a checkpoint goes when `path` cannot be written: beside it, then
+    in the temporary folder, each named after the path and this process."""
+    name = f"{os.path.basename(path)}.rescued-{os.getpid()}.npz"
+    return [os.path.join(os.path.dirname(os.path.abspath(path)), name), os.path.join(tempfile.gettempdir(), name)]
+
+
+def filter_fingerprint(O):
+    """A few numbers that identify the fixed orthogonal filters O (which a
+    checkpoint does not store: they are drawn again from the seed), summed
+    in float64 whatever O's dtype."""
+    O = to_numpy(O).reshape(-1, O.shape[-1])
+    return numpy.array([O.sum(dtype=numpy.float64), (O * O[::-1]).sum(dtype=numpy.float64), O[0, 0], O[-1, -1]],
+                       dtype=numpy.float64)
+
+
+class Checkpoint(NamedTuple):
+    config: dict        # the run's flags, its plan included
+    step: int           # the last step done
+    params: dict        # name -> NumPy array
+    optim: dict         # the optimiser's state
+    filters: object     # filter_fingerprint of the model's O
+    average: dict       # the weight average's state (empty without one)
+    best: dict          # the best validation report's parameters (empty in older checkpoints)
+    progress: dict      # Progress.state() (empty in older checkpoints)
+
+
+REQUIRED_CONFIG = ("task", "hidden", "alpha", "beta", "activation", "dtype", "seed", "optimizer", "lr", "batch")
+
+
+def read_arrays(path):
+    """The arrays of the .npz archive at `path`, each header checked against
+    the bytes the archive really holds before anything is allocated; never
+    unpickling."""
+    if not os.path.isfile(path):
+        raise RoaError(f"no checkpoint at {path!r}" if not os.path.exists(path) else f"{path!r} is not a file")
+    try:
+        if not zipfile.is_zipfile(path):
+            raise RoaError(f"{path!r} is not a roa checkpoint (not an .npz archive)")
+        with zipfile.ZipFile(path) as archive:
+            inflated, free = sum(member.file_size for member in archive.infolist()), memory_left(numpy)
+            if free is not None and inflated > 0.9 * free:
+                raise RoaError(f"{path!r} would take {inflated / 1e9:.1f} GB once read, but only "
+                               f"{free / 1e9:.1f} GB is free: a damaged checkpoint, or the wrong file")
+            for member in archive.infolist():
+                with archive.open(member) as f:
+                    major, _ = numpy.lib.format.read_magic(f)
+                    read_header = (numpy.lib.format.read_array_header_1_0 if major == 1
+                                   else numpy.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read_header(f)
+                if dtype.hasobject or math.prod(shape) * dtype.itemsize > member.file_size:
+                    raise RoaError(f"{path!r} is not a roa checkpoint: its array {member.filename!r} "
+                                   f"({shape}, {dtype}) is damaged or not plain numbers")
+        with numpy.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except RoaError:
+        raise
+    except (OSError, ValueError, EOFError, RuntimeError, NotImplementedError, zipfile.BadZipFile, zlib.error) as err:
+        raise RoaError(f"{path!r} is not a readable roa checkpoint ({err})") from None
+
+
+def load_checkpoint(path):
+    """The Checkpoint saved at `path`, each field checked: one clear RoaError
+    for anything that is not a whole, finite roa checkpoint."""
+    arrays = read_arrays(path)
+    missing = [k for k in ("config", "step", "filters") if k not in arrays]
+    if missing:
+        raise RoaError(f"{path!r} is not a roa checkpoint (it has no {', '.join(missing)})")
+    try:
+        config = json.loads(str(arrays.pop("config")))
+        progress = json.loads(str(arrays.pop("progress"))) if "progress" in arrays else {}
+    except ValueError as err:
+        raise RoaError(f"{path!r}: its configuration is damaged ({err})") from None
+    step = arrays.pop("step")
+    if not isinstance(config, dict) or not isinstance(progress, dict):
+        raise RoaError(f"{path!r}: its configuration is damaged (not a JSON object)")
+    if step.shape != () or step.dtype.kind not in "iu" or step < 0:
+        raise RoaError(f"{path!r}: its step must be one integer >= 0, got {step.tolist()!r}")
+    absent = [name for name in REQUIRED_CONFIG if config.get(name) is None]
+    if absent:
+        raise RoaError(f"{path!r} is not a roa checkpoint (its configuration has no {', '.join(absent)})")
+    for name, value in config.items():
+        if name in RULES and value is not None:
+            check(name, value, source=path)
+    check_rates(config["lr"], config.get("curriculum"), source=path)
+    check_progress(progress, path)
+    for name, a in arrays.items():
+        if a.dtype.kind not in "fiu":
+            raise RoaError(f"{path!r}: {name} holds {a.dtype} values; a checkpoint holds real numbers")
+        if a.dtype.kind == "f" and not numpy.isfinite(a).all():
+            raise RoaError(f"{path!r} holds NaN or Inf in {name}: it cannot be trained from")
+    return Checkpoint(config, int(step), unprefixed("param", arrays), unprefixed("optim", arrays),
+                      arrays["filters"], unprefixed("average", arrays), unprefixed("best", arrays), progress)
+
+
+def check_progress(progress, path):
+    """A checkpoint's progress: finite training losses, and a best report
+    with a number for its metric (which may have overflowed to Inf) and a step."""
+    losses, metric, step = progress.get("losses", []), progress.get("best_metric"), progress.get("best_step", 0)
+    stage = progress.get("stage", 0)
+    metric_ok = metric is None or (isinstance(metric, numbers.Real) and not isinstance(metric, bool)
+                                   and not math.isnan(metric))
+    if (not isinstance(losses, list) or not all(is_real(x) for x in losses) or not metric_ok
+            or not is_integer(step) or step < 0 or not is_integer(stage) or stage < 0):
+        raise RoaError(f"{path!r}: its progress record is damaged ({progress!r:.200})")
+
+
+def restore(model, path, params, filters):
+    """Put a checkpoint's parameters into a freshly built model, after checking
+    that they fit it."""
+    if filters is None or not numpy.allclose(filters, filter_fingerprint(model.O), rtol=1e-5, atol=1e-6):
+        raise RoaError(f"{path!r}: its orthogonal filters O differ from those drawn from the seed here")
+    check_shapes(model, path, params)
+    model.set_params(params)
+
+
+def check_shapes(model, path, params, what="parameter"):
+    """Does every parameter of the model have an array of real numbers of its
+    shape in `params`?"""
+    for name, value in model.params.items():
+        if name not in params or params[name].shape != value.shape or params[name].dtype.kind != "f":
+            got = f"{params[name].shape} {params[name].dtype}" if name in params else "nothing"
+            raise RoaError(f"{path!r} holds {got} for the {what} {name}, the model needs {value.shape} floats")
+
+
+def continue_progress(model, optimizer, progress, checkpoint, path):
+    """Put a checkpoint's optimiser state and progress into a new run, after
+    checking that they fit the model and its optimiser."""
+    xp = model.xp
+    optim = checkpoint.optim
+    if isinstance(optimizer, Adam):
+        t = optim.get("t")
+        if t is None or t.shape != () or t.dtype.kind not in "iu" or not 0 <= t <= checkpoint.step:
+            raise RoaError(f"{path!r}: Adam's step count must be an integer in 0 .. {checkpoint.step}, "
+                           f"got {None if t is None else t.tolist()!r}")
+        for moment in ("m", "v"):
+            check_shapes(model, path, unprefixed(moment, optim), f"Adam moment {moment} of")
+        if any((v < 0).any() for v in unprefixed("v", optim).values()):
+            raise RoaError(f"{path!r}: Adam's second moments must be >= 0")
+    optimizer.load_state({k: a if a.ndim == 0 else xp.asarray(a) for k, a in optim.items()})
+    progress.step = checkpoint.step
+    progress.losses = list(checkpoint.progress.get("losses", []))
+    progress.stage = checkpoint.progress.get("stage", 0)
+    if checkpoint.best:
+        check_shapes(model, path, checkpoint.best, "best report's parameter")
+        progress.best_params = {k: xp.asarray(checkpoint.best[k], dtype=model.dtype) for k in model.params}
+        progress.best_metric, progress.best_step = checkpoint.progress["best_metric"], checkpoint.progress["best_step"]
+    average = progress.average
+    if average and progress.step >= average.start and not checkpoint.average:
+        raise RoaError(f"{path!r} is at step {progress.step} but holds no weight average; "
+                       f"--average-from must start after it (got step {average.start})")
+    if average and checkpoint.average:
+        count = checkpoint.average.get("count")
+        if count is None or count.shape != () or count.dtype.kind not in "iu" or count < 0:
+            raise RoaError(f"{path!r}: the weight average's count must be an integer >= 0")
+        if count > 0:
+            check_shapes(model, path, unprefixed("mean", checkpoint.average), "weight average of")
+        average.load_state(checkpoint.average, xp)
+
+
+def data_source(folder, task):
+    """What a checkpoint records of an MNIST run's data: the folder and the
+    data's SHA-256; nothing for a synthetic task."""
+    if not isinstance(task, MNIST):
+        return {}
+    return {"data_dir": os.path.abspath(folder), "data_sha256": task.data_sha256}
+
+
+def check_same_data(saved, task, path):
+    """A resumed MNIST run must train on the data it was trained on: the
+    checkpoint records its folder and the data's SHA-256 (tasks.data_digest)."""
+    recorded = saved.get("data_sha256")
+    if recorded is not None and recorded != getattr(task, "data_sha256", None):
+        raise RoaError(f"{path!r} was trained on other MNIST data ({saved.get('data_dir')}, SHA-256 "
+                       f"{recorded[:12]}...) than the files found now; point --data-dir at that data, or start "
+                       "a new run from its parameters on this data with --init")
+
+
+@contextlib.contextmanager
+def exclusive(path):
+    """While the run holds it, no other run may save to `path`: an exclusive
+    lock on the hidden file .NAME.lock beside it (released by the system
+    even if the process is killed), which only its holder removes. Holding
+    it, the temporary files that a killed writer of `path` left behind are
+    removed."""
+    if not path:
+        yield
+        return
+    folder, name = os.path.split(os.path.abspath(path))
+    lock_path = os.path.join(folder, f".{name}.lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        raise RoaError(f"--save {path!r}: cannot create its lock file {lock_path!r} ({err.strerror})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_ino != os.stat(lock_path).st_ino:    # its holder removed it as we opened it
+                raise OSError
+        except OSError:
+            raise RoaError(f"--save {path!r}: another run is saving to this checkpoint now; "
+                           "give this run another --save path") from None
+        for left in glob.glob(os.path.join(glob.escape(folder), glob.escape(name) + ".????????.tmp")):
+            with contextlib.suppress(OSError):
+                os.remove(left)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(lock_path)                    # (before the lock is released with the file)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------- output files
 
 def same_file(path, other):
     """Do the two paths (other may be None) name one file?"""
@@ -745,22 +1005,71 @@ def prepare_output(flag, path, log, replace=False):
         raise RoaError(f"{flag} {path!r}: the file is not writable")
 
 
+# ------------------------------------------------------------ the machine
+
+def available_cores(root="/sys/fs/cgroup"):
+    """The CPU cores this process may really use: those of its affinity mask,
+    capped by a container's CPU quota (cgroup v2 cpu.max, or v1 cpu.cfs_quota_us)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open(os.path.join(root, "cpu.max")) as f:                   # cgroup v2: "max 100000" or "200000 100000"
+            limit, period = f.read().split()[:2]
+            quota = None if limit == "max" else int(limit) / int(period)
+    if quota is None:
+        with contextlib.suppress(OSError, ValueError):
+            with open(os.path.join(root, "cpu", "cpu.cfs_quota_us")) as q, \
+                    open(os.path.join(root, "cpu", "cpu.cfs_period_us")) as p:
+                limit, period = int(q.read()), int(p.read())
+                quota = limit / period if limit > 0 else None
+    return max(1, min(cores, int(quota))) if quota else cores
+
+
+AUTO_THREADS_WIDTH = 1024    # the width from which a second BLAS thread pays (docs/RESULTS.md, Speed)
+
+
+def auto_threads(width, cores):
+    """The BLAS threads of `--threads auto`: one, unless the model is wide
+    enough for more to pay and the machine has cores to spare. The products
+    of a training step are small; on this project's measurements a second
+    thread gains little on them even on a quiet machine, and when another
+    process holds a core, two threads are several times slower than one."""
+    if width < AUTO_THREADS_WIDTH or cores < 4:
+        return 1
+    return min(cores // 2, 4)
+
+
+def use_threads(flag, width):
+    """Limit BLAS to the threads of --threads (an integer, or "auto":
+    auto_threads for a model of this width); return their number."""
+    threads = auto_threads(width, available_cores()) if flag == "auto" else flag
+    threadpool_limits(threads, user_api="blas")
+    return threads
+
+
+def kept_bytes(unrolled, batch, width, dtype):
+    """Bytes of the activations that backprop keeps through `unrolled` layers
+    (or time steps): every layer's input x_l (h_t), the last output, and
+    every phi' -- the floor of a training step's memory."""
+    return (2 * unrolled + 1) * batch * width * numpy.dtype(dtype).itemsize
+
+
 def memory_needed(args, task):
     """An upper estimate of the bytes a run allocates that grow with its
     sizes: the data (a synthetic task's held-out sets, in float64), the parameters
     with their gradients, the best report's copy, Adam's moments, the weight
     average and the filters O; and at its peak the largest of model
     construction (W, then O, drawn in float64 beside their copies),
-    a training step (the activations kept for backprop; for the roaRNN also
-    the input terms U u_t + b and the gradients dy_t of every step) and a
-    chunk of evaluation.
+    a training step (the activations kept for backprop and the gradients
+    dy_l (dy_t) of every layer (step); for the roaRNN also the input terms
+    U u_t + b) and a chunk of evaluation.
     Returns (bytes, what the bytes are, in words)."""
     item = numpy.dtype(args.dtype).itemsize
     shape, N = task.input_shape(args.batch), args.hidden
     n_in = shape[-1]
     if task.model == "fnn":
         weights = args.depth * N * N + N * (n_in + task.n_out)
-        kept = kept_bytes(args.depth, args.batch, N, args.dtype)
+        kept = kept_bytes(args.depth, args.batch, N, args.dtype) + args.depth * args.batch * N * item
         per_example = (n_in + 5 * N + task.n_out) * item
         construction = args.depth * N * N * (8 + 2 * item)    # W's float64 draft, then O's, beside their copies
     else:
@@ -828,123 +1137,3 @@ def check_memory(args, task, xp):
     if free is not None and need > 0.9 * free:
         raise RoaError(f"this run needs about {need / 1e9:.1f} GB ({parts}), but only {free / 1e9:.1f} GB is "
                        "free: lower --batch, --hidden, --length or --depth")
-
-
-def continue_progress(model, optimizer, progress, checkpoint, path):
-    """Put a checkpoint's optimiser state and progress into a new run, after
-    checking that they fit the model and its optimiser."""
-    xp = model.xp
-    optim = checkpoint.optim
-    if isinstance(optimizer, Adam):
-        t = optim.get("t")
-        if t is None or t.shape != () or t.dtype.kind not in "iu" or not 0 <= t <= checkpoint.step:
-            raise RoaError(f"{path!r}: Adam's step count must be an integer in 0 .. {checkpoint.step}, "
-                           f"got {None if t is None else t.tolist()!r}")
-        for moment in ("m", "v"):
-            check_shapes(model, path, unprefixed(moment, optim), f"Adam moment {moment} of")
-        if any((v < 0).any() for v in unprefixed("v", optim).values()):
-            raise RoaError(f"{path!r}: Adam's second moments must be >= 0")
-    optimizer.load_state({k: a if a.ndim == 0 else xp.asarray(a) for k, a in optim.items()})
-    progress.step = checkpoint.step
-    progress.losses = list(checkpoint.progress.get("losses", []))
-    progress.stage = checkpoint.progress.get("stage", 0)
-    if checkpoint.best:
-        check_shapes(model, path, checkpoint.best, "best report's parameter")
-        progress.best_params = {k: xp.asarray(checkpoint.best[k], dtype=model.dtype) for k in model.params}
-        progress.best_metric, progress.best_step = checkpoint.progress["best_metric"], checkpoint.progress["best_step"]
-    average = progress.average
-    if average and progress.step >= average.start and not checkpoint.average:
-        raise RoaError(f"{path!r} is at step {progress.step} but holds no weight average; "
-                       f"--average-from must start after it (got step {average.start})")
-    if average and checkpoint.average:
-        count = checkpoint.average.get("count")
-        if count is None or count.shape != () or count.dtype.kind not in "iu" or count < 0:
-            raise RoaError(f"{path!r}: the weight average's count must be an integer >= 0")
-        if count > 0:
-            check_shapes(model, path, unprefixed("mean", checkpoint.average), "weight average of")
-        average.load_state(checkpoint.average, xp)
-
-
-@contextlib.contextmanager
-def metrics_log(path, resumed_at=None):
-    """With --metrics PATH: a function that appends a validation report to
-    the file as one JSON line, flushed; without: None. A resumed run
-    (resumed_at: the checkpoint's step) first keeps of the log only the whole
-    lines of the reports up to that step: a line cut by a kill, or reports
-    made after the checkpoint (to be made again), go."""
-    if not path:
-        yield None
-        return
-    if resumed_at is not None and os.path.isfile(path):
-        with open(path, "rb") as f:
-            lines = f.read().split(b"\n")
-        kept = [line for line in lines if report_step(line) is not None and report_step(line) <= resumed_at]
-        if len(kept) != len([line for line in lines if line.strip()]):
-            write_whole(path, lambda f: f.write(b"".join(line + b"\n" for line in kept)))
-    try:
-        log = open(path, "a")
-    except OSError as err:
-        raise RoaError(f"cannot write the metrics log {path!r}: {err.strerror}") from None
-    try:
-        with log:
-            yield lambda report: print(json.dumps(report), file=log, flush=True)
-    except OSError as err:                              # (closing: the last bytes would not go to disk)
-        raise RoaError(f"could not finish the metrics log {path!r} ({err})") from None
-
-
-def report_step(line):
-    """The step of one line of a metrics log, None unless it is a whole report."""
-    try:
-        report = json.loads(line)
-        return report["step"] if isinstance(report, dict) and is_integer(report.get("step")) else None
-    except ValueError:
-        return None
-
-
-def why_it_ended(err, save):
-    """The line that roa.py prints on stderr when a run ends early, and its
-    exit status: 2 for a mistake or a damaged file (RoaError), 128 + the
-    signal's number for a stop signal. save: the run's --save path."""
-    if isinstance(err, RoaError):
-        return f"error: {err}", 2
-    if isinstance(err, Stopped):
-        signum, step = err.args
-        saved = (f"saved {save}; continue with: python roa.py --resume {shlex.quote(save)}" if save
-                 else "nothing saved (no --save)")
-        return f"stopped by {STOP_SIGNALS[signum]} after step {step}: {saved}", 128 + signum
-    if isinstance(err, StopNow):
-        signum, = err.args
-        return (f"stopped at once by a second {STOP_SIGNALS[signum]}; the last checkpoint saved, if any, "
-                "is as it was", 128 + signum)
-    return "interrupted outside training; the last checkpoint saved, if any, is as it was", 130
-
-
-@contextlib.contextmanager
-def exclusive(path):
-    """While the run holds it, no other run may save to `path`: an exclusive
-    lock on the hidden file .NAME.lock beside it (released by the system
-    even if the process is killed). Holding it, the temporary files that a
-    killed writer of `path` left behind are removed."""
-    if not path:
-        yield
-        return
-    folder, name = os.path.split(os.path.abspath(path))
-    lock_path = os.path.join(folder, f".{name}.lock")
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as err:
-        raise RoaError(f"--save {path!r}: cannot create its lock file {lock_path!r} ({err.strerror})") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise RoaError(f"--save {path!r}: another run is saving to this checkpoint now; "
-                           "give this run another --save path") from None
-        for left in glob.glob(os.path.join(glob.escape(folder), glob.escape(name) + ".????????.tmp")):
-            with contextlib.suppress(OSError):
-                os.remove(left)
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(lock_path)
-        os.close(fd)

@@ -4,6 +4,7 @@ Run: python -m pytest -q test_roa.py test_run.py   (CI=true selects the reproduc
 Each test states the property of MATH.md it checks.
 """
 
+import itertools
 import math
 import os
 import tempfile
@@ -86,7 +87,7 @@ def assert_gradients_match(model, u, target, loss_name, mask_seed=None):
     (it may be zero, or as small as 1e-107 when alpha is): backprop's must be too.
     """
     loss, dz, cache = batch_loss(model, u, target, loss_name, mask_seed)
-    grads = model.backward(dz, cache)
+    grads, _ = model.backward(dz, cache)
     assert set(grads) == set(model.params)
     for name, p in model.params.items():
         numeric = numeric_gradient(lambda: batch_loss(model, u, target, loss_name, mask_seed)[0], p)
@@ -99,9 +100,8 @@ def assert_gradients_match(model, u, target, loss_name, mask_seed=None):
 
 
 def fnn_preactivations(model, u):
-    """y_l = W_l x_l + b_l of every roa layer, from the cached x_l (of the
-    one block of layers: these nets are shallower than ag.ROA_BLOCK)."""
-    _, (_, [(xs, _)], _) = model.forward(u)
+    """y_l = W_l x_l + b_l of every roa layer, from the cached x_l."""
+    _, (_, (xs, _), _) = model.forward(u)
     return ag.to_numpy(xs[:-1] @ model.params["W"].transpose(0, 2, 1) + model.params["b"][:, None, :])
 
 
@@ -133,8 +133,8 @@ def build_case(spec, device="cpu"):
 # ----------------------------- 0. the engine against a plain reference
 
 def reference_fnn(p, O, alpha, beta, act_name, u, dz):
-    """The roaFNN's scores and gradients straight from MATH.md section 2:
-    alpha explicit, lists of arrays, nothing in place. dz = dL/dz."""
+    """The roaFNN's scores, gradients and dL/dx_0 straight from MATH.md
+    section 2: alpha explicit, lists of arrays, nothing in place. dz = dL/dz."""
     W, b, L = p["W"], p["b"], len(p["b"])
     xs = [u @ p["W_in"].T + p["b_in"]]                                   # x_0
     ys = []
@@ -149,12 +149,12 @@ def reference_fnn(p, O, alpha, beta, act_name, u, dz):
         grads["W"][l], grads["b"][l] = dy.T @ xs[l], dy.sum(axis=0)      # eq (3)
         delta = alpha * delta @ O[l] + dy @ W[l]                         # (7'): J_l^T delta_{l+1}
     grads.update(W=numpy.array(grads["W"]), b=numpy.array(grads["b"]), W_in=delta.T @ u, b_in=delta.sum(axis=0))
-    return z, grads
+    return z, grads, delta                                               # delta: dL/dx_0
 
 
 def reference_rnn(p, O, alpha, beta, act_name, every, u, dz):
-    """The roaRNN's scores and gradients by BPTT straight from MATH.md
-    section 3: alpha explicit, lists of arrays, nothing in place."""
+    """The roaRNN's scores, gradients and dL/dh_0 by BPTT straight from
+    MATH.md section 3: alpha explicit, lists of arrays, nothing in place."""
     T, B, N = u.shape[0], u.shape[1], len(p["b"])
     hs, y = [numpy.zeros((B, N))], []                                    # h_0 = 0
     for t in range(T):                                                   # y[t] = y_{t+1}, hs[t] = h_t
@@ -174,7 +174,7 @@ def reference_rnn(p, O, alpha, beta, act_name, every, u, dz):
         grads["U"] = grads["U"] + dy_t.T @ u[t]
         grads["b"] = grads["b"] + dy_t.sum(axis=0)
         g = alpha * g @ O + dy_t @ p["W"]
-    return z, grads
+    return z, grads, g                                                   # g: dL/dh_0
 
 
 def assert_same(engine, reference, name, tolerance=1e-12, floor=0.0):
@@ -194,33 +194,36 @@ def gradient_floor(grads):
     return 1e-3 * math.sqrt(sum(float((ag.to_numpy(g) ** 2).sum()) for g in grads.values()))
 
 
-@given(fnn_specs(), st.integers(1, 3))
-def test_fnn_scores_and_gradients_equal_the_reference(spec, block):
-    """The engine (in blocks of `block` layers) against reference_fnn, to 1e-12
-    relative in float64 (assert_same), for every drawn shape, alpha (0 included), beta,
-    activation; inference gives the training forward's scores bit for bit."""
+@given(fnn_specs())
+def test_fnn_scores_and_gradients_equal_the_reference(spec):
+    """The engine against reference_fnn, to 1e-12 relative in float64
+    (assert_same), for every drawn shape, alpha (0 included), beta,
+    activation: the scores, every parameter's gradient and dL/dx_0;
+    inference gives the training forward's scores bit for bit."""
     kwargs, B, data_seed, _ = spec
     model = roa.RoaFNN(**kwargs)
-    model.block = block
     rng = numpy.random.default_rng(data_seed)
     model.set_params({name: rng.standard_normal(model.params[name].shape) for name in ("b_in", "b", "c")})
     u, dz = rng.standard_normal((B, kwargs["n_in"])), rng.standard_normal((B, kwargs["n_out"]))
     z, cache = model.forward(u)
     assert numpy.array_equal(model.inference(u), z)
-    z_ref, grads_ref = reference_fnn(model.params, model.O, model.alpha, model.beta, kwargs["activation"], u, dz)
+    z_ref, grads_ref, dx0_ref = reference_fnn(model.params, model.O, model.alpha, model.beta, kwargs["activation"],
+                                              u, dz)
     assert_same(z, z_ref, "z")
-    grads = model.backward(dz, cache)
+    grads, dx0 = model.backward(dz, cache)
     assert grads.keys() == grads_ref.keys() == model.params.keys()
     for name in grads:
         assert_same(grads[name], grads_ref[name], name, floor=gradient_floor(grads_ref))
+    assert_same(dx0, dx0_ref, "dL/dx_0", floor=1e-3 * numpy.linalg.norm(dx0_ref))
 
 
-@given(st.sampled_from(machinery.READOUTS), st.integers(1, 3), st.integers(1, 3), st.integers(1, 5),
+@given(st.sampled_from(roa.READOUTS), st.integers(1, 3), st.integers(1, 3), st.integers(1, 5),
        alphas, betas, activations, st.integers(1, 7), st.integers(1, 3), seeds, seeds)
 def test_bptt_scores_and_gradients_equal_the_reference(readout, n_in, n_out, N, alpha, beta, act_name, T, B,
                                                        seed, data_seed):
     """The engine's roaRNN against reference_rnn, to 1e-12 relative in float64,
-    for either readout; inference gives the training forward's scores bit for bit."""
+    for either readout: the scores, every parameter's gradient and dL/dh_0;
+    inference gives the training forward's scores bit for bit."""
     model = roa.RoaRNN(n_in, n_out, N, alpha, beta, act_name, readout, dtype="float64", seed=seed)
     rng = numpy.random.default_rng(data_seed)
     model.set_params({name: rng.standard_normal(model.params[name].shape) for name in ("b", "c")})
@@ -228,12 +231,13 @@ def test_bptt_scores_and_gradients_equal_the_reference(readout, n_in, n_out, N, 
     dz = rng.standard_normal(((B,) if readout == "last" else (T, B)) + (n_out,))
     z, cache = model.forward(u)
     assert numpy.array_equal(model.inference(u), z)
-    z_ref, grads_ref = reference_rnn(model.params, model.O, alpha, beta, act_name, readout == "every", u, dz)
+    z_ref, grads_ref, dh0_ref = reference_rnn(model.params, model.O, alpha, beta, act_name, readout == "every", u, dz)
     assert_same(z, z_ref, "z")
-    grads = model.backward(dz, cache)
+    grads, dh0 = model.backward(dz, cache)
     assert grads.keys() == grads_ref.keys() == model.params.keys()
     for name in grads:
         assert_same(grads[name], grads_ref[name], name, floor=gradient_floor(grads_ref))
+    assert_same(dh0, dh0_ref, "dL/dh_0", floor=1e-3 * numpy.linalg.norm(dh0_ref))
 
 
 # ------------------------------------ 0b. losses, activations, optimisers by definition
@@ -398,38 +402,21 @@ def test_fnn_gradients_with_dropout_equal_finite_differences(spec, p, mask_seed)
     assert_gradients_match(*build_case(({**kwargs, "dropout": p}, *rest)), mask_seed)
 
 
-@given(fnn_specs(), st.integers(1, 3))
-def test_fnn_in_blocks_of_layers_gives_the_same_scores_and_gradients(spec, block):
-    """RoaFNN runs its layers `block` at a time (roa_forward_blocks), one
-    roa_forward / roa_backward per block, the last block's dL/dx_0 being the
-    next one's delta: any block size gives the scores and gradients of one
-    block of all the layers."""
+@given(fnn_specs(), st.sampled_from(roa.READOUTS), st.integers(1, 6), seeds)
+def test_backward_can_be_called_twice_on_one_cache(spec, readout, T, seed):
+    """backward leaves its cache as it found it: a second call on the same
+    cache (as a gradient check makes) gives the same gradients and the same
+    dL/d first state, bit for bit, for the roaFNN and the roaRNN."""
     model, u, target, loss_name = build_case(spec)
-    loss, dz, cache = batch_loss(model, u, target, loss_name)
-    whole = model.backward(dz, cache)
-    model.block = block
-    block_loss, dz, cache = batch_loss(model, u, target, loss_name)
-    assert len(cache[1]) == math.ceil(spec[0]["depth"] / block)
-    assert block_loss == pytest.approx(loss, rel=1e-12)
-    for name, grad in model.backward(dz, cache).items():
-        assert numpy.allclose(grad, whole[name], rtol=1e-12, atol=1e-300), name
-
-
-def test_deep_fnn_step_stays_within_1_5x_of_the_kept_activations():
-    """A training step's peak memory stays within 1.5x of the activations that
-    backprop keeps, even at batch = width, where the (L, N, N) weight gradient
-    alone is half their size: backward frees each block of layers as soon as
-    its weight gradients are formed. (Width 32: at smaller widths the few
-    Python objects of each layer's cache weigh as much as its arrays.)"""
-    L, N = 2 * ag.ROA_BLOCK, 32
-    model = roa.RoaFNN(N, 2, N, L, 1.0, 1.0 / L, dtype="float32")
-    u = numpy.random.default_rng(0).standard_normal((N, N)).astype(numpy.float32)
-    tracemalloc.start()
-    _, dz, cache = batch_loss(model, u, numpy.zeros(N, dtype=int), "xent")
-    ag.SGD(0.1).step(model.params, model.backward(dz, cache))
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    assert peak <= 1.5 * model.kept_bytes(u.shape)
+    _, dz, cache = batch_loss(model, u, target, loss_name)
+    rnn = roa.RoaRNN(2, 3, 4, 1.0, 0.5, readout=readout, dtype="float64", seed=seed)
+    rng = numpy.random.default_rng(seed)
+    z, rnn_cache = rnn.forward(rng.standard_normal((T, 5, 2)))
+    for model, dz, cache in ((model, dz, cache), (rnn, rng.standard_normal(z.shape), rnn_cache)):
+        (first, d_first), (again, d_again) = model.backward(dz, cache), model.backward(dz, cache)
+        assert numpy.array_equal(d_first, d_again)
+        assert first.keys() == again.keys() == model.params.keys()
+        assert all(numpy.array_equal(first[name], again[name]) for name in first)
 
 
 @given(seeds, st.floats(0.05, 0.95))
@@ -624,7 +611,7 @@ def test_sgd_batch_step_is_mean_of_per_sample_steps(spec, lr):
 
     def gradient(rows):
         _, dz, cache = batch_loss(model, u[rows], target[rows], loss_name)
-        return model.backward(dz, cache)
+        return model.backward(dz, cache)[0]
 
     per_sample = [gradient(slice(i, i + 1)) for i in range(u.shape[0])]
     ag.SGD(lr).step(model.params, gradient(slice(None)))
@@ -694,7 +681,7 @@ def test_numpy_and_cupy_agree_on_forward_and_backward(spec):
     loss_cpu, dz_cpu, cache_cpu = batch_loss(*cpu)
     loss_gpu, dz_gpu, cache_gpu = batch_loss(*gpu)
     assert abs(loss_cpu - loss_gpu) <= 1e-12 * max(1.0, abs(loss_cpu))
-    grads_cpu, grads_gpu = cpu[0].backward(dz_cpu, cache_cpu), gpu[0].backward(dz_gpu, cache_gpu)
+    grads_cpu, grads_gpu = cpu[0].backward(dz_cpu, cache_cpu)[0], gpu[0].backward(dz_gpu, cache_gpu)[0]
     for name in grads_cpu:
         assert rel_error(grads_cpu[name], grads_gpu[name]) <= 1e-12, name
 
@@ -705,7 +692,7 @@ def test_numpy_and_cupy_agree_on_forward_and_backward(spec):
 def rnn_cases(draw, device="cpu"):
     """A float64 roaRNN on `device`, either readout, with or without dropout, with a batch of
     sequences and targets there."""
-    readout = draw(st.sampled_from(machinery.READOUTS))
+    readout = draw(st.sampled_from(roa.READOUTS))
     loss_name = draw(st.sampled_from(["mse", "xent"]))
     n_in, n_out = draw(st.integers(1, 3)), draw(st.integers(2, 3))
     shape = dict(n_in=n_in, n_out=n_out, hidden=draw(st.integers(1, 4)), alpha=draw(alphas), beta=draw(betas),
@@ -1023,3 +1010,31 @@ def test_idx_reader_rejects_every_truncation(cut, compress):
             f.write(tasks.gzip.compress(raw) if compress else raw)
         with pytest.raises(ag.RoaError):
             tasks.read_idx(path)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_gradient_reaching_the_first_step_vanishes_in_the_vanilla_rnn_not_in_the_roarnn(seed):
+    """The progress line's |dL/dh_0| at initialisation, on one adding batch
+    at T = 300 (float64, N 64, batch 64): far below 1e-8 in the vanilla RNN
+    (alpha 0, beta 1), tanh or ReLU; of order 0.1 to 1 in the roaRNN with
+    alpha 1 and beta 20 / T, tanh or ReLU (MATH.md section 4)."""
+    task = tasks.Adding(300)
+    u, y = task.train_batch(0, 0, 64)
+    for (alpha, beta), act_name in itertools.product([(0.0, 1.0), (1.0, 20 / 300)], ["tanh", "relu"]):
+        model = roa.RoaRNN(2, 1, 64, alpha, beta, act_name, dtype="float64", seed=seed)
+        z, cache = model.forward(u)
+        _, dh0 = model.backward(task.loss(z, y)[1], cache)
+        size = numpy.linalg.norm(dh0)
+        assert size < 1e-8 if alpha == 0 else 0.1 <= size <= 10, (alpha, act_name, size)
+
+
+def test_train_step_returns_the_norm_of_the_gradient_that_reached_the_first_step():
+    """The progress line's |dL/dh_0| (|dL/dx_0| for the roaFNN) is the norm of
+    backward's second answer on the step's batch, before the update."""
+    task = tasks.Adding(20)
+    model = roa.RoaRNN(2, 1, 8, 1.0, 0.1, dtype="float64", seed=3)
+    u, y = task.train_batch(5, 0, 4)
+    z, cache = model.forward(u)
+    _, dh0 = model.backward(task.loss(z, y)[1], cache)
+    _, norm = roa.train_step(model, task, ag.SGD(0.1), 5, 1, 4)
+    assert norm == numpy.linalg.norm(dh0) > 0

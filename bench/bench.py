@@ -31,8 +31,8 @@ from threadpoolctl import threadpool_info, threadpool_limits
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from autograd import Adam, SGD, array_module, free_memory, mse_loss, softmax_cross_entropy  # noqa: E402
-from machinery import auto_threads, available_cores, trained_state_finite  # noqa: E402
-from roa import RoaFNN, RoaRNN, evaluate  # noqa: E402
+from machinery import auto_threads, available_cores, kept_bytes  # noqa: E402
+from roa import RoaFNN, RoaRNN, all_finite, evaluate  # noqa: E402
 from tasks import Task, accuracy  # noqa: E402
 
 CONFIGS = {
@@ -144,7 +144,8 @@ def bench(name, xp, device, peak):
     else:
         u = xp.asarray(rng.standard_normal((s["B"], s["n_in"])), dtype=xp.float32)
         flops = fnn_flops(**s)
-    floor = model.kept_bytes(u.shape)                       # the states and phi' kept for backprop
+    unrolled = s["T"] if kind == "rnn" else s["L"]
+    floor = kept_bytes(unrolled, s["B"], s["N"], "float32")  # the states and phi' kept for backprop
     y = xp.asarray(rng.integers(0, s["n_out"], s["B"]))
     loss_fn = softmax_cross_entropy if s["n_out"] > 1 else mse_loss
     if loss_fn is mse_loss:
@@ -152,12 +153,13 @@ def bench(name, xp, device, peak):
     optimizer = Adam(1e-4) if optimizer_name == "adam" else SGD(1e-4)
 
     def finite_check():                                     # as training checks every step (waits for a GPU too)
-        trained_state_finite(model, optimizer)
+        moments = [a for a in optimizer.state().values() if not numpy.isscalar(a)]
+        all_finite(model.xp, [*model.params.values(), *moments])
 
     def step():
         z, cache = model.forward(u)
         _, dz = loss_fn(z, y)
-        optimizer.step(model.params, model.backward(dz, cache))
+        optimizer.step(model.params, model.backward(dz, cache)[0])
         finite_check()
 
     median = median_time(step, repeats)

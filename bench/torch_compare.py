@@ -76,12 +76,12 @@ def main():
     ours = RoaRNN(args.n_in, args.n_out, args.N, 1.0, 0.1, dtype="float32")
     torch_step, torch_gradients = torch_step_fn(torch, ours, u, y, 1e-4)
     z, cache = ours.forward(u)
-    our_grads = ours.backward(softmax_cross_entropy(z, y)[1], cache)
+    our_grads, _ = ours.backward(softmax_cross_entropy(z, y)[1], cache)
     optimizer = Adam(1e-4)
 
     def our_step():
         z, cache = ours.forward(u)
-        optimizer.step(ours.params, ours.backward(softmax_cross_entropy(z, y)[1], cache))
+        optimizer.step(ours.params, ours.backward(softmax_cross_entropy(z, y)[1], cache)[0])
 
     torch_grads = torch_gradients()
     for name, g in our_grads.items():

@@ -9,9 +9,10 @@
     python docs/figures.py --curves ... --curves-name adding_long_curves.png   # figure 4 under another name
 
 Writes PNG files into --out (default runs/figures/, which git ignores):
-1. gradient_vs_depth.png: the norm of dL/dW_l reaching each layer l of a
-   deep roaFNN and of the plain MLP of the same depth, at initialisation
-   (depth 5,000; --full: 50,000);
+1. gradient_vs_depth.png: the norm of dL/dx_l, the gradient that backprop
+   carries from the loss down to each layer l, in a deep roaFNN and in the
+   plain MLP of the same depth, at initialisation (depth 5,000; --full:
+   50,000);
 2. gradient_vs_lag.png: the largest and smallest singular value of
    d h_T / d h_{T-k} against the lag k, roaRNN against vanilla RNN, with
    the bounds of MATH.md section 4 (lags to 2,000; --full: 10,000);
@@ -20,9 +21,11 @@ Writes PNG files into --out (default runs/figures/, which git ignores):
    section 4 bounds are informative (beta gamma ||W|| L about 1), between
    those bounds, at initialisation (and, with --trained, after training);
 4. learning_curves.png: one panel per task, the validation metric of each
-   --metrics log against the step; a log's panel is the first word of its
-   file name before "-" (adding-roa.jsonl and adding-vanilla.jsonl share
-   the panel "adding").
+   --metrics log against the step, with the task's baseline and goal, the
+   test result that the run wrote at the end of its log, and a
+   curriculum's moves to a longer length; a log's panel is the first word
+   of its file name before "-" (adding-roa.jsonl and adding-vanilla.jsonl
+   share the panel "adding"; PANELS names the tasks).
 """
 
 import argparse
@@ -36,6 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import autograd as ag  # noqa: E402
+import machinery  # noqa: E402
 import roa  # noqa: E402
 
 TINY = 1e-300           # where a norm that underflowed to 0 is drawn on a log axis
@@ -52,29 +56,40 @@ def pyplot():
 
 
 def layer_gradient_norms(depth, alpha, beta, seed=0):
-    """||dL/dW_l|| for every layer of a fresh roaFNN (width 64, batch 64, Gaussian inputs), float64."""
+    """||dL/dx_l|| for every layer l = 0 .. L of a fresh roaFNN (width 64,
+    batch 64, Gaussian inputs, tanh, float64): delta_l, the gradient that
+    backprop carries down from the loss (l = L) to the input (l = 0),
+    roa_step_backward by roa_step_backward through the engine's own cache."""
     model = roa.RoaFNN(784, 10, 64, depth, alpha, beta, dtype="float64", seed=seed)
     rng = numpy.random.default_rng(seed)
-    z, cache = model.forward(rng.standard_normal((64, 784)))
+    z, (_, (_, steps), out_cache) = model.forward(rng.standard_normal((64, 784)))
     _, dz = ag.softmax_cross_entropy(z, rng.integers(0, 10, 64))
-    return numpy.linalg.norm(model.backward(dz, cache)["W"], axis=(1, 2))
+    delta, _, _ = model.readout_backward(dz, out_cache)                   # dL/dx_L
+    norms = [numpy.linalg.norm(delta)]
+    for step in reversed(steps):
+        delta, _ = ag.roa_step_backward(delta, step)                      # delta_l = J_l^T delta_{l+1}
+        norms.append(numpy.linalg.norm(delta))
+    return numpy.array(norms[::-1])                                       # l = 0 .. L
 
 
 def figure_depth(plt, depth, out):
-    layers = numpy.arange(1, depth + 1)
+    layers = numpy.arange(depth + 1)
     fig, ax = plt.subplots(figsize=(7, 4))
     notes = []
     for label, alpha, beta in ((f"roaFNN, alpha 1, beta {5 / depth:g}", 1.0, 5 / depth),
                                ("plain MLP, alpha 0, beta 1", 0.0, 1.0)):
         norms = layer_gradient_norms(depth, alpha, beta)
         zero = norms == 0
-        ax.loglog(layers[~zero], norms[~zero], label=label)
+        ax.semilogy(layers[~zero], norms[~zero], label=label)
         if zero.any():          # a log axis cannot show 0: say it
-            notes.append(f"{label}: ||dL/dW_l|| is exactly 0 (underflow) in {zero.sum():,} of {depth:,} layers")
+            notes.append(f"{label}: ||dL/dx_l|| is exactly 0 (underflow) in {zero.sum():,} of {depth + 1:,} layers")
     if notes:
         ax.text(0.02, 0.04, "\n".join(notes), transform=ax.transAxes, fontsize=8)
-    ax.set(xlabel="layer l", ylabel="||dL/dW_l|| at initialisation",
-           title=f"Gradient reaching each layer, depth {depth:,} (width 64, tanh, float64)")
+    ax.set_xticks([0, depth // 4, depth // 2, 3 * depth // 4, depth],
+                  ["0\ninput", f"{depth // 4:,}", f"{depth // 2:,}", f"{3 * depth // 4:,}", f"{depth:,}\nloss"])
+    ax.set(xlabel="layer l  (backprop runs from the loss, right, to the input, left)",
+           ylabel="||dL/dx_l|| at initialisation",
+           title=f"The gradient on its way from the loss to the input, depth {depth:,}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -86,6 +101,7 @@ def figure_lag(plt, T, out):
     u = rng.uniform(size=(T, 2))
     lags = numpy.unique(numpy.geomspace(1, T, 25).astype(int))
     fig, ax = plt.subplots(figsize=(7, 4))
+    shown, bands = [], []
     for label, alpha, beta in (("roaRNN, alpha 1, beta 0.1", 1.0, 0.1), ("vanilla RNN, alpha 0, beta 1", 0.0, 1.0)):
         model = roa.RoaRNN(2, 1, N, alpha, beta, seed=0)
         p = model.params
@@ -96,14 +112,18 @@ def figure_lag(plt, T, out):
                          for k in lags])
         line, = ax.loglog(lags, numpy.maximum(s[:, 0], TINY), label=f"{label}: largest")
         ax.loglog(lags, numpy.maximum(s[:, 1], TINY), "--", color=line.get_color(), label=f"{label}: smallest")
+        shown.append(s[s > 0])
         if alpha > 0:
             w = numpy.linalg.norm(p["W"], 2)
             with numpy.errstate(over="ignore"):
-                upper = numpy.minimum((alpha + beta * w) ** lags.astype(float), 1e300)
-            ax.fill_between(lags, numpy.maximum((alpha - beta * w) ** lags, TINY), upper,
-                            color=line.get_color(), alpha=0.1, label="section 4 bounds (roaRNN)")
+                bands.append((line.get_color(), (alpha - beta * w) ** lags.astype(float),
+                              (alpha + beta * w) ** lags.astype(float)))
+    low, high = min(x.min() for x in shown) / 10, max(x.max() for x in shown) * 10
+    for color, lower, upper in bands:        # the bounds, clipped to the singular values' range
+        ax.fill_between(lags, numpy.clip(lower, low, high), numpy.clip(upper, low, high), color=color, alpha=0.1,
+                        label="section 4 bounds (roaRNN), clipped to the plot")
     ax.set(xlabel="lag k = T - t", ylabel="singular values of d h_T / d h_t",
-           title=f"Gradient through time at initialisation (N {N}, T {T:,})", ylim=(1e-30, 1e30))
+           title=f"Gradient through time at initialisation (N {N}, T {T:,})", ylim=(low, high))
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -127,7 +147,7 @@ def figure_singular_values(plt, depth, trained, out):
     shape = dict(width=64, depth=depth, alpha=1.0, beta=0.5 / depth, activation="tanh", dtype="float64", seed=0)
     models = [("at initialisation", roa.RoaFNN(784, 10, **shape))]
     if trained:
-        model, config = roa.load_model(trained)
+        model, config = machinery.load_model(trained)
         if config["task"] != "deepmlp":
             sys.exit(f"figures.py: --trained {trained!r} is a {config['task']} checkpoint; "
                      "figure 3 needs a deepmlp one")
@@ -163,28 +183,60 @@ def read_stages(curve):
             sys.exit(f"figures.py: {path!r} is not a --metrics log (one JSON report per line): {err}")
         if not stage:
             sys.exit(f"figures.py: the log {path!r} is empty: its run made no validation report yet")
-        offset = rows[-1]["step"] if rows else 0
+        offset = max((r["step"] for r in rows if "step" in r), default=0)
         rows += [dict(r, step=r["step"] + offset) for r in stage]
     return rows
 
 
+# What a panel of figure 4 shows, by the first word of its logs' file names:
+# title, metric, log axis?, (baseline, in words), (goal, in words)
+PANELS = {
+    "adding": ("Adding problem", "validation MSE", True, (0.167, "always answering 1"), (0.01, "solved: MSE 0.01")),
+    "copy": ("Copying memory", "validation recall accuracy", False, (0.125, "chance, 1 in 8"),
+             (0.99, "solved: 99 %")),
+    "ps1": ("psMNIST, one epoch", "validation accuracy", False, (0.1, "chance"), (0.94, "the paper: 94 %")),
+    "ps10": ("psMNIST, ten epochs", "validation accuracy", False, (0.1, "chance"), (0.98, "the paper: 98 %")),
+    "deep": ("50,000-layer roaFNN on MNIST", "validation accuracy", False, (0.1, "chance"), (0.90, "90 %")),
+}
+
+
+def panel_of(curve):
+    """The PANELS key of a log: the first word of its file name, up to "-"."""
+    word = os.path.basename(curve).split("-")[0].split(".")[0]
+    return next((key for key in sorted(PANELS, key=len, reverse=True) if word.startswith(key)), word)
+
+
 def figure_curves(plt, curves, out):
-    """One panel per task (the first word of a log's file name), each log's
-    validation metric against the step; MSE on a log axis."""
+    """One panel per task, each log's validation metric against the step,
+    with the task's baseline and goal; a log's test result (its last line,
+    where the run wrote one) is marked at the step whose parameters it
+    scored, and a curriculum's moves to a longer length are marked."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
     panels = {}
     for curve in curves:
-        panels.setdefault(os.path.basename(curve).split("-")[0].split(".")[0], []).append(curve)
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (task, logs) in zip(axes[0], panels.items()):
+        panels.setdefault(panel_of(curve), []).append(curve)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (key, logs) in zip(axes[0], panels.items()):
+        title, metric, log_axis, baseline, goal = PANELS.get(key, (key, "validation metric", False, None, None))
         for curve in logs:
             rows = read_stages(curve)
-            label = os.path.splitext(os.path.basename(curve))[0][len(task) + 1:] or task
-            ax.plot([r["step"] for r in rows], [r["val_metric"] for r in rows], label=label)
-        mse = task.startswith("adding")                   # adding, adding10k, ...: MSE
-        ax.set(xlabel="step", ylabel="validation MSE" if mse else "validation accuracy", title=task,
-               yscale="log" if mse else "linear")
-        ax.tick_params(axis="x", labelrotation=30)               # long step counts do not overlap
-        ax.legend(fontsize=8, loc="best")
+            reports = [r for r in rows if "val_metric" in r]
+            label = os.path.splitext(os.path.basename(curve))[0].split("-", 1)[-1]
+            line, = ax.plot([r["step"] for r in reports], [r["val_metric"] for r in reports], label=label)
+            for test in (r for r in rows if "test_metric" in r):
+                ax.plot(test["chosen_step"], test["test_metric"], "X", ms=9, color=line.get_color(),
+                        markeredgecolor="black", label=f"{label}: test {test['test_metric']:.4g}")
+            for before, after in zip(reports, reports[1:]):
+                if after.get("length", 0) > before.get("length", 0) > 0:
+                    ax.axvline(after["step"], color=line.get_color(), ls=":", lw=1)
+                    ax.annotate(f"T={after['length']:,}", (after["step"], 1), xycoords=("data", "axes fraction"),
+                                rotation=90, va="top", ha="right", fontsize=7, color=line.get_color())
+        for (value, words), style in ((baseline, "--"), (goal, "-.")) if baseline else ():
+            ax.axhline(value, color="gray", ls=style, lw=1, label=words)
+        ax.set(xlabel="training step", ylabel=metric, title=title, yscale="log" if log_axis else "linear")
+        ax.xaxis.set_major_locator(MaxNLocator(5, integer=True))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
 

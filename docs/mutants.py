@@ -11,8 +11,10 @@ n + 1, a float x into 2 x), True and False, `and` and `or`, min and max.
 Docstrings and comments are left alone. Each mutant runs the README's test
 command (`python -m pytest -x -q test_roa.py test_run.py`, stopping at the
 first failure) on a copy of the repository; it is *killed* when a test
-fails or the suite runs past --timeout, and it *survives* when the suite
-passes. A survivor is either a gap in the tests or an equivalent mutant
+fails, *timed out* when the suite runs past --timeout (counted apart: a cut
+run proves nothing), and it *survives* when the suite passes. The
+unchanged copy runs the suite first: if that fails or times out, no score
+would mean anything, and the script stops in one line. A survivor is either a gap in the tests or an equivalent mutant
 (a change that computes the same thing, such as `<` into `<=` where the
 two values are never equal): the list printed at the end is for a person
 to read and tell them apart.
@@ -84,6 +86,16 @@ def compiles(text):
         return False
 
 
+def run_tests(work, timeout):
+    """The README's test command in the folder `work`: "passed", "failed" or "timed out"."""
+    try:
+        run = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *TESTS],
+                             cwd=work, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timed out"
+    return "passed" if run.returncode == 0 else "failed"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("modules", nargs="*", default=MODULES, help=f"files to mutate (default: {' '.join(MODULES)})")
@@ -102,6 +114,12 @@ def main():
 
     totals = []
     try:
+        unchanged = run_tests(work, args.timeout)
+        if unchanged != "passed":
+            print(f"mutants.py: the unchanged tests {unchanged}"
+                  + (f" (--timeout {args.timeout:g} s)" if unchanged == "timed out" else "")
+                  + ": no mutant can be scored; fix the tests or give a longer --timeout", file=sys.stderr)
+            sys.exit(2)
         for module in args.modules:
             path = os.path.join(work, module)
             with open(path) as f:
@@ -109,30 +127,28 @@ def main():
             candidates = [m for m in mutants(path) if compiles(apply(source_lines, m))]
             chosen = candidates if args.sample == 0 else random.Random(args.seed).sample(
                 candidates, min(args.sample, len(candidates)))
-            killed, survivors = 0, []
+            outcomes, survivors = [], []
             for mutant in sorted(chosen):
                 with open(path, "w") as f:
                     f.write(apply(source_lines, mutant))
-                try:
-                    run = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                                          *TESTS], cwd=work, capture_output=True, timeout=args.timeout)
-                    dead = run.returncode != 0
-                except subprocess.TimeoutExpired:
-                    dead = True
+                outcome = {"failed": "killed", "passed": "SURVIVED", "timed out": "timed out"}[
+                    run_tests(work, args.timeout)]
                 line, col, old, new = mutant
-                print(f"{module}:{line}:{col}: {old} -> {new}: {'killed' if dead else 'SURVIVED'}", flush=True)
-                killed += dead
-                if not dead:
+                print(f"{module}:{line}:{col}: {old} -> {new}: {outcome}", flush=True)
+                outcomes.append(outcome)
+                if outcome == "SURVIVED":
                     survivors.append(f"{module}:{line}: {old} -> {new}   | {source_lines[line - 1].strip()}")
             with open(path, "w") as f:
                 f.writelines(source_lines)
-            totals.append((module, killed, len(chosen), len(candidates), survivors))
+            totals.append((module, outcomes.count("killed"), outcomes.count("timed out"), len(chosen),
+                           len(candidates), survivors))
     finally:
         shutil.rmtree(work)
 
-    print("\nmodule | killed / run | mutants in the file")
-    for module, killed, run, possible, _ in totals:
-        print(f"{module} | {killed} / {run} ({100 * killed / max(run, 1):.0f} %) | {possible}")
+    print("\nmodule | killed / scored (a test failed) | timed out (not scored) | mutants in the file")
+    for module, killed, timed_out, run, possible, _ in totals:
+        scored = run - timed_out
+        print(f"{module} | {killed} / {scored} ({100 * killed / max(scored, 1):.0f} %) | {timed_out} | {possible}")
     print("\nsurvivors (a gap in the tests, or an equivalent change):")
     for *_, survivors in totals:
         for line in survivors:

@@ -13,9 +13,10 @@ to the .npz beside it (a finished log is not run again; a run cut short is
 resumed from its checkpoint, and a longer STEPS extends the finished ones).
 A seed has *escaped* the plateau (0.167, the loss of always answering 1)
 at the first report whose validation MSE is below ESCAPE at length T (a
-curriculum's reports at shorter lengths do not count); the table gives,
-per lever and length, the seeds escaped, the median escape step of those
-seeds, and the median of every seed's best validation MSE at T.
+curriculum's reports at shorter lengths do not count), and *solved* it at
+the first below SOLVED; the table gives, per lever and length, the seeds
+escaped and solved, the median step of each of those seeds, and the
+median of every seed's best validation MSE at T.
 Validation only: no test score is looked at here.
 """
 
@@ -30,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 ESCAPE = 0.05           # a validation MSE below this has left the plateau (0.167) for good
+SOLVED = 0.01           # a validation MSE below this solves the task (tasks.Adding.goal)
 SEEDS = range(5)
 STEPS, EVERY, SAVE_EVERY = 8000, 100, 1000
 
@@ -53,6 +55,9 @@ LEVERS = {      # name: (what it changes, the flags added to the base run at len
     "relu": ("phi = ReLU (beta 0.1)", lambda T: ["--activation", "relu"]),
     "relu-beta-sqrtT": ("phi = ReLU, beta 0.3 / sqrt(T)",
                         lambda T: ["--activation", "relu", "--beta", f"{0.3 / T ** 0.5:.4g}"]),
+    **{f"{phi}-beta{c}-T": (f"phi = {phi}, beta {c} / T",
+                            lambda T, phi=phi, c=c: ["--activation", phi, "--beta", f"{c / T:.4g}"])
+       for phi in ("tanh", "relu") for c in (5, 10, 20, 40)},
 }
 
 
@@ -99,11 +104,11 @@ def run_one(args):
 
 
 def table(levers, lengths):
-    print("| lever | T | escaped | median escape step | median best val MSE |")
-    print("| --- | --- | --- | --- | --- |")
+    print(f"| lever | T | escaped | median escape step | solved | median solve step | median best val MSE |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for lever in levers:
         for T in lengths:
-            escapes, bests, runs = [], [], 0
+            escapes, solves, bests, runs = [], [], [], 0
             for seed in SEEDS:
                 r = reports(log_path(lever, T, seed))
                 if not r or r[-1]["step"] != STEPS:
@@ -114,13 +119,18 @@ def table(levers, lengths):
                 below = [x["step"] for x in r if x["val_metric"] < ESCAPE]
                 if below:
                     escapes.append(below[0])
+                solved = [x["step"] for x in r if x["val_metric"] < SOLVED]
+                if solved:
+                    solves.append(solved[0])
             if runs:
                 median = f"{statistics.median(escapes):,.0f}" if escapes else "-"
+                solve_median = f"{statistics.median(solves):,.0f}" if solves else "-"
                 reached = [b for b in bests if b == b]      # (a curriculum that never got to T has no MSE at T)
                 best = f"{statistics.median(reached):.4f}" if reached else "-"
                 if len(reached) < runs:
                     best += f" ({runs - len(reached)} never reached T)"
-                print(f"| {lever}: {LEVERS[lever][0]} | {T} | {len(escapes)} / {runs} | {median} | {best} |")
+                print(f"| {lever}: {LEVERS[lever][0]} | {T} | {len(escapes)} / {runs} | {median} | "
+                      f"{len(solves)} / {runs} | {solve_median} | {best} |")
 
 
 def state_norms(lengths):
@@ -152,14 +162,17 @@ def state_norms(lengths):
 
 
 def main(argv=None):
+    global STEPS
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", action="append", choices=sorted(LEVERS), help="run these levers only")
     p.add_argument("--lengths", type=int, nargs="+", default=[200, 500])
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
+    p.add_argument("--steps", type=int, default=STEPS, help=f"steps of each run (default {STEPS})")
     p.add_argument("--table", action="store_true", help="print the table of the logs at hand, run nothing")
     p.add_argument("--state-norm", action="store_true", help="print the state's norm and saturation at "
                    "initialisation at each length, run nothing")
     args = p.parse_args(argv)
+    STEPS = args.steps
     if args.state_norm:
         return state_norms(args.lengths)
     levers = args.only or list(LEVERS)

@@ -20,7 +20,7 @@ import numpy
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from autograd import RoaError, rnn_inference  # noqa: E402
-from roa import load_model  # noqa: E402
+from machinery import load_model  # noqa: E402
 from tasks import COPY_SYMBOLS, Copy  # noqa: E402
 
 
