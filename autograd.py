@@ -337,6 +337,9 @@ def rnn_forward(u, h0, W, O, U, b, alpha, beta, act):
     """
     xp = get_array_module(u)
     T = u.shape[0]
+    if getattr(h0, "shape", None) != (u.shape[1], W.shape[0]):
+        raise RoaError(f"h0 must be the first state, of shape (B, N) = {(u.shape[1], W.shape[0])}, "
+                       f"got {getattr(h0, 'shape', type(h0).__name__)}")
     # U u_t + b for every t in one product before the loop: it does not depend
     # on the state, and one large product is far cheaper than T small ones
     input_terms, _ = linear_forward(u, U, b)
@@ -459,8 +462,8 @@ def softmax_cross_entropy(z, labels):
 def check_rate(name, value):
     """An optimiser's setting: a finite number, > 0 for the learning rate,
     >= 0 for the others."""
-    smallest_ok = value > 0 if name == "lr" else value >= 0
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not smallest_ok:
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not real or not (value > 0 if name == "lr" else value >= 0):
         raise RoaError(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {value!r}")
     return value
 

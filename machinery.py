@@ -25,6 +25,7 @@ import json
 import math
 import numbers
 import os
+import resource
 import shlex
 import signal
 import sys
@@ -349,7 +350,7 @@ def load_model(path, device="cpu"):
     checkpoint = load_checkpoint(path)
     config = {"depth": None, "dropout": 0.0, **checkpoint.config, "device": device}
     model = make_model(argparse.Namespace(**config), TASK_CLASSES[config["task"]])
-    restore(model, path, checkpoint.best or checkpoint.params, checkpoint.filters)
+    restore(model, path, checkpoint.best or checkpoint.params, checkpoint)
     return model, checkpoint.config
 
 
@@ -387,7 +388,15 @@ def run(args, log=None):
             prepare_output(flag, path, log, replace=args.overwrite or same_file(path, args.resume))
     if args.resume and args.data_dir is None:           # the data the run was trained on
         args.data_dir = saved.get("data_dir")
+        if args.data_dir and not os.path.isdir(args.data_dir) and not same_file(args.data_dir, DEFAULT_DATA_DIR):
+            raise RoaError(f"{args.resume!r} was trained on the MNIST files in {args.data_dir}, which is gone "
+                           f"(their SHA-256: {saved.get('data_sha256')}); give --data-dir a folder with a copy of "
+                           "them, or start a new run from its parameters with --init")
     task = make_task(args, log)
+    if args.advance_at is not None and (args.advance_at > 1 if task.higher_is_better else args.advance_at <= 0):
+        raise RoaError(f"--advance-at {args.advance_at:g} can never be reached: a validation {task.metric_name} "
+                       + ("is at most 1" if task.higher_is_better else "is never below 0")
+                       + "; give a value the metric can reach, or leave the flag out (on when solved)")
     if saved:
         check_same_data(saved, task, args.resume)
     steps = planned_steps(args, task, saved, checkpoint.step if args.resume else 0)
@@ -406,7 +415,7 @@ def run(args, log=None):
     average_start = max(1, math.ceil(args.average_from * steps))        # the fraction's first step
     progress = Progress(WeightAverage(average_start) if args.average_from else None)
     if checkpoint:
-        restore(model, source, checkpoint.params, checkpoint.filters)
+        restore(model, source, checkpoint.params, checkpoint)
     if args.resume:
         continue_progress(model, optimizer, progress, checkpoint, args.resume)
         if progress.stage >= len(task.stages):
@@ -418,9 +427,12 @@ def run(args, log=None):
     elif args.init:
         log(f"roa: starting from the parameters of {args.init} (its step {checkpoint.step}), a fresh optimiser")
     config = {name: getattr(args, name) for name in TRAINING_FLAGS + PLAN_FLAGS}
-    config.update(steps=steps, threads=threads)
+    config.update(steps=steps, threads=threads, format=CHECKPOINT_FORMAT)
     config.update(data_source(args.data_dir or DEFAULT_DATA_DIR, task))
+    if args.save:
+        check_file_size_limit(args.save, model, optimizer, progress)
     unsaved = []                                        # the last save's error, where every place failed
+    saved_step = [checkpoint.step if args.resume else None]     # the step of the checkpoint at args.save
 
     def save(progress):
         try:
@@ -430,6 +442,7 @@ def run(args, log=None):
                 raise
             unsaved.append(err)                         # a finished run: its test result is computed first
             return
+        saved_step[0] = progress.step
         if written != args.save:                        # from now on the run saves there
             say(f"roa: could not write {args.save}; the checkpoint of step {progress.step} is at {written}, "
                 "and the run's later checkpoints will be too")
@@ -442,10 +455,13 @@ def run(args, log=None):
             test_loss, test_metric, best_step = train(model, task, optimizer, plan, progress, hooks)
         except NotFinite as err:
             step, u, loss, grads = err.args
+            kept = ("nothing saved (no --save)" if not args.save else
+                    f"the checkpoint of step {saved_step[0]}, {args.save}, is kept as it was" if saved_step[0] else
+                    "nothing was saved: the run had made no checkpoint yet (--save-every N saves as it goes)")
             raise RoaError(f"training stopped at step {step}: {non_finite_cause(model, u, loss, grads, optimizer)}; "
-                           "the last checkpoint saved, if any, is kept as it was") from None
+                           + kept) from None
         if stop.signum:                                 # it came while the test set was scored
-            raise Stopped(stop.signum, progress.step)
+            raise Stopped(stop.signum, progress.step, "finished")
         if record:                                      # the log's last line: the test result
             record(dict(test_loss=test_loss, test_metric=test_metric, chosen_step=best_step))
     epochs = steps / task.steps_per_epoch(args.batch) if isinstance(task, MNIST) else None
@@ -547,7 +563,8 @@ class RunHooks(Hooks):
 
 class Stopped(Exception):
     """A stop signal arrived during training; the step in hand was finished
-    (and saved, with --save). args: (signal number, step)."""
+    (and saved, with --save). args: (signal number, step), and "finished"
+    where it came after the last step, while the test set was scored."""
 
 
 class StopNow(BaseException):
@@ -580,11 +597,16 @@ class StopSignals:
 def say(line):
     """Print a line on stdout. When the reader has gone (output piped into
     `head`) or stdout cannot be written (a full disk), printing stops but the
-    run goes on: stdout becomes /dev/null."""
+    run goes on: stdout becomes /dev/null, and, unless the reader left,
+    one line on stderr says so."""
     try:
         print(line, flush=True)
-    except OSError:
+    except OSError as err:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        with contextlib.suppress(OSError):
+            if not isinstance(err, BrokenPipeError):
+                print(f"roa.py: stdout cannot be written ({err.strerror}): the run goes on and saves as planned, "
+                      "but its later lines and its result are not printed", file=sys.stderr, flush=True)
 
 
 def clock(seconds):
@@ -635,7 +657,12 @@ def why_it_ended(err, save):
     if isinstance(err, RoaError):
         return f"error: {err}", 2
     if isinstance(err, Stopped):
-        signum, step = err.args
+        signum, step, *finished = err.args
+        if finished:
+            saved = (f"the run is finished and saved in {save}; score it with: python roa.py --resume "
+                     f"{shlex.quote(save)}" if save else "the run is finished; nothing saved (no --save)")
+            return (f"stopped by {STOP_SIGNALS[signum]} while the test set was scored, after the run's last step "
+                    f"{step}: {saved}", 128 + signum)
         saved = (f"saved {save}; continue with: python roa.py --resume {shlex.quote(save)}" if save
                  else "nothing saved (no --save)")
         return f"stopped by {STOP_SIGNALS[signum]} after step {step}: {saved}", 128 + signum
@@ -660,6 +687,9 @@ def non_finite_cause(model, u, loss, grads, optimizer):
     decay = getattr(optimizer, "weight_decay", 0)
     if not all_finite(xp, [u]):
         return "the training batch itself holds NaN or Inf: check the data"
+    largest_input = float(xp.abs(u).max())
+    if largest_input > 1e6:
+        return f"the training batch holds inputs as large as {largest_input:.1e}: check the data"
     if decay and lr * decay >= 1:                        # each step multiplies by 1 - lr lambda <= 0
         return (f"--weight-decay {decay:g} at learning rate {lr:g} flips the parameters' sign every step "
                 f"(lr times weight decay is {lr * decay:g} >= 1): lower --weight-decay")
@@ -774,6 +804,7 @@ class Checkpoint(NamedTuple):
     progress: dict      # Progress.state() (empty in older checkpoints)
 
 
+CHECKPOINT_FORMAT = 2    # 1 (no "format" in the configuration): before the random-stream keys, or since
 REQUIRED_CONFIG = ("task", "hidden", "alpha", "beta", "activation", "dtype", "seed", "optimizer", "lr", "batch")
 
 
@@ -832,6 +863,9 @@ def load_checkpoint(path):
         if name in RULES and value is not None:
             check(name, value, source=path)
     check_rates(config["lr"], config.get("curriculum"), source=path)
+    if config.get("format", 1) not in range(1, CHECKPOINT_FORMAT + 1):
+        raise RoaError(f"{path!r} was saved in checkpoint format {config['format']!r}, by a newer roa.py; this one "
+                       f"reads formats 1 to {CHECKPOINT_FORMAT}")
     check_progress(progress, path)
     for name, a in arrays.items():
         if a.dtype.kind not in "fiu":
@@ -854,11 +888,17 @@ def check_progress(progress, path):
         raise RoaError(f"{path!r}: its progress record is damaged ({progress!r:.200})")
 
 
-def restore(model, path, params, filters):
-    """Put a checkpoint's parameters into a freshly built model, after checking
-    that they fit it."""
-    if filters is None or not numpy.allclose(filters, filter_fingerprint(model.O), rtol=1e-5, atol=1e-6):
-        raise RoaError(f"{path!r}: its orthogonal filters O differ from those drawn from the seed here")
+def restore(model, path, params, checkpoint):
+    """Put `params` (a checkpoint's parameters) into a freshly built model,
+    after checking that they fit it: the model's filters O, drawn from the
+    seed, must be those of the checkpoint."""
+    if not numpy.allclose(checkpoint.filters, filter_fingerprint(model.O), rtol=1e-5, atol=1e-6):
+        if checkpoint.config.get("format") is None:
+            raise RoaError(f"{path!r}: its orthogonal filters O are not those its seed draws today: it was saved "
+                           "by a roa.py from before the random-stream keys (git commit 6a5d033), whose seeds drew "
+                           "other filters, or it is damaged; this roa.py cannot continue or load it: train it "
+                           "again (or use it with the roa.py of that time)")
+        raise RoaError(f"{path!r}: its orthogonal filters O differ from those drawn from its seed: it is damaged")
     check_shapes(model, path, params)
     model.set_params(params)
 
@@ -962,6 +1002,19 @@ def exclusive(path):
 
 
 # --------------------------------------------------------- output files
+
+def check_file_size_limit(path, model, optimizer, progress):
+    """Refuse, before training, a --save whose checkpoint could never be
+    written under the process's file size limit (ulimit -f): a checkpoint
+    holds at least the parameters, the best report's copy of them, the
+    optimiser's moments and the weight average."""
+    limit, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    copies = 2 + (2 if isinstance(optimizer, Adam) else 0) + (1 if progress.average else 0)
+    least = copies * sum(a.nbytes for a in model.params.values())
+    if limit != resource.RLIM_INFINITY and least > limit:
+        raise RoaError(f"--save {path!r}: this run's checkpoint takes at least {least / 1e6:.1f} MB, more than the "
+                       f"file size limit of {limit / 1e6:.1f} MB (ulimit -f); raise the limit or leave --save out")
+
 
 def same_file(path, other):
     """Do the two paths (other may be None) name one file?"""

@@ -129,10 +129,11 @@ class Model:
         the scores z that forward returned."""
         mask, out_cache = cache
         z_shape = out_cache[0].shape[:-1] + (self.params["V"].shape[0],)
-        if getattr(dz, "shape", None) != z_shape or get_array_module(dz) is not self.xp:
-            got = f"{type(dz).__name__} {getattr(dz, 'shape', '')}".strip()
-            raise RoaError(f"backward: dz must be dL/dz, a {self.xp.__name__} array of the scores' shape {z_shape}, "
-                           f"got {got}")
+        if (getattr(dz, "shape", None) != z_shape or get_array_module(dz) is not self.xp
+                or dz.dtype != self.dtype):
+            got = f"{type(dz).__name__} {getattr(dz, 'shape', '')} {getattr(dz, 'dtype', '')}".strip()
+            raise RoaError(f"backward: dz must be dL/dz, a {self.xp.__name__} {self.dtype} array of the scores' "
+                           f"shape {z_shape}, got {got}")
         dx, dV, dc = linear_backward(dz, out_cache)
         return dropout_backward(dx, mask), dV, dc
 
@@ -369,8 +370,11 @@ class WeightAverage:
         return {"count": self.count, "start": self.start, **{f"mean.{k}": a for k, a in self.mean.items()}}
 
     def load_state(self, state, xp):
+        """Continue a saved average; one that has begun keeps its start, one
+        that has not keeps the start of the run's (perhaps new) plan."""
         self.count = int(state["count"])
-        self.start = int(state.get("start", self.start))       # (a resume that extends the run keeps it)
+        if self.count:
+            self.start = int(state.get("start", self.start))
         self.mean = {k[len("mean."):]: xp.asarray(a) for k, a in state.items() if k.startswith("mean.")}
 
 

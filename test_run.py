@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -241,6 +242,10 @@ def test_backward_losses_optimisers_and_set_params_check_their_inputs():
     cases = [
         (lambda: model.backward(numpy.zeros((3,)), cache), "dz must be dL/dz"),         # (B,) for (B, 1)
         (lambda: model.backward(numpy.zeros((3, 2)), cache), "shape (3, 1)"),
+        (lambda: model.backward(numpy.zeros((3, 1), numpy.float32), cache), "float64 array"),   # mixed dtypes
+        (lambda: ag.Adam("x"), "lr must be a finite number > 0, got 'x'"),
+        (lambda: ag.rnn_forward(u, numpy.zeros((3, 5)), model.params["W"], model.O, model.params["U"],
+                                model.params["b"], 1.0, 0.1, model.act), "h0 must be"),
         (lambda: model.forward(numpy.zeros((5, 0, 2))), "no size 0"),                 # an empty batch
         (lambda: model.set_params({"W": numpy.zeros((3, 3))}), "shape (4, 4)"),
         (lambda: model.set_params({"Q": numpy.zeros((4, 4))}), "one of"),
@@ -1389,3 +1394,123 @@ def test_mutants_change_one_code_token_at_a_time_and_leave_text_alone(tmp_path):
     assert mutants.apply(lines, found[2]).splitlines()[1] == '    """a + b < 1"""'
     assert mutants.next_number("0x10") == "17" and mutants.next_number("1e-3") == "0.002"
     assert mutants.next_number("0.0") == "1.0"
+
+
+# ------------------------------------------- the last ways a run ended without a word
+
+def test_a_stop_while_the_test_set_is_scored_says_the_run_is_finished_and_saved(tmp_path, monkeypatch, capsys):
+    """SIGTERM after the last step, while the test set is scored: one line
+    saying the run is finished and saved and how to score it, exit 143;
+    the checkpoint holds the whole run."""
+    path, evaluate = str(tmp_path / "run.npz"), roa.evaluate_params
+
+    def scored_then_stopped(model, params, task, data):
+        if data is task.test:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(model, params, task, data)
+    monkeypatch.setattr(roa, "evaluate_params", scored_then_stopped)
+    code, err, out = run_cli(TINY + ["--save", path, "--quiet"], capsys)
+    assert code == 128 + signal.SIGTERM and out == "" and err == (
+        f"roa.py: stopped by SIGTERM while the test set was scored, after the run's last step 10: the run is "
+        f"finished and saved in {path}; score it with: python roa.py --resume {path}\n")
+    assert saved_params(path)[0] == 10
+
+
+@pytest.mark.parametrize("flags", [["--task", "copy", "--curriculum", "5,10", "--advance-at", "5"],
+                                   ["--task", "adding", "--curriculum", "5,10", "--advance-at", "0"]])
+def test_an_advance_at_the_metric_can_never_reach_is_refused_before_training(flags, capsys):
+    code, err, out = run_cli(flags + ["--hidden", "4", "--steps", "3"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "can never be reached" in err and "step" not in out
+
+
+def test_a_shortened_resume_starts_the_weight_average_by_its_new_plan(tmp_path, monkeypatch, capsys):
+    """A 60-step run averaging from 0.9 (step 54), stopped at step 25 and
+    resumed with --steps 40, averages from step 36 as a 40-step run does,
+    and ends as that run."""
+    flags = TINY[:-2] + ["--dtype", "float64", "--eval-every", "2", "--average-from", "0.9", "--quiet"]
+    assert machinery.main(flags + ["--steps", "40"]) == 0
+    expected = final_line(capsys.readouterr().out)
+    path = str(tmp_path / "run.npz")
+    signal_at(monkeypatch, [25])
+    assert machinery.main(flags + ["--steps", "60", "--save", path]) == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert machinery.main(["--resume", path, "--steps", "40", "--quiet"]) == 0
+    assert final_line(capsys.readouterr().out) == expected
+    assert machinery.load_checkpoint(path).average["start"] == 36
+
+
+def test_a_resume_whose_data_folder_is_gone_says_so_and_names_the_datas_sha256(tmp_path, capsys):
+    data = tmp_path / "mnist"
+    data.mkdir()
+    write_fake_mnist(data, 40, 10)
+    path = str(tmp_path / "run.npz")
+    assert machinery.main(["--task", "psmnist", "--hidden", "4", "--steps", "2", "--validation", "8",
+                           "--data-dir", str(data), "--save", path, "--quiet"]) == 0
+    sha = machinery.load_checkpoint(path).config["data_sha256"]
+    shutil.rmtree(data)
+    code, err, _ = run_cli(["--resume", path, "--steps", "3"], capsys)
+    assert code == 2 and err.count("\n") == 1 and f"{data}, which is gone" in err and sha in err
+    assert "--data-dir" in err and "--init" in err and "leave --data-dir out" not in err
+
+
+def test_a_checkpoint_whose_filters_differ_names_the_version_that_made_it(tmp_path, capsys):
+    """Filters O that the seed does not draw: a checkpoint without a format
+    version was made before the random-stream keys (or is damaged); one
+    with it is damaged; a format from a newer roa.py is refused by name."""
+    path = str(tmp_path / "run.npz")
+    assert machinery.main(TINY + ["--save", path, "--quiet"]) == 0
+    arrays = machinery.read_arrays(path)
+    config = json.loads(str(arrays["config"]))
+    assert config["format"] == machinery.CHECKPOINT_FORMAT == 2
+    arrays["filters"] = arrays["filters"] + 1.0
+    for changed, named in [({k: v for k, v in config.items() if k != "format"}, "6a5d033"),
+                           (config, "it is damaged"), (dict(config, format=3), "format 3, by a newer roa.py")]:
+        numpy.savez(path, **dict(arrays, config=numpy.array(json.dumps(changed))))
+        for load in (lambda: machinery.load_model(path), lambda: machinery.run(
+                machinery.parse_args(["--resume", path, "--steps", "12"]), log=lambda line: None)):
+            with pytest.raises(ag.RoaError, match=re.escape(named)):
+                load()
+
+
+def test_a_file_size_limit_below_the_checkpoint_is_refused_before_training(tmp_path):
+    path = tmp_path / "run.npz"
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (8192, resource.RLIM_INFINITY))    # noqa: E731
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "roa.py"), "--task", "adding", "--length", "6",
+                          "--steps", "3", "--save", str(path)], capture_output=True, text=True, preexec_fn=limit)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "ulimit -f" in run.stderr
+    assert "step" not in run.stdout and not path.exists()
+
+
+def test_a_run_whose_stdout_cannot_be_written_says_so_once_on_stderr_and_saves(tmp_path):
+    path = tmp_path / "run.npz"
+    with open("/dev/full", "w") as full:
+        run = subprocess.run([sys.executable, os.path.join(ROOT, "roa.py"), *TINY, "--save", str(path)],
+                             stdout=full, stderr=subprocess.PIPE, text=True)
+    assert run.returncode == 0 and run.stderr.count("\n") == 1 and "stdout cannot be written" in run.stderr
+    assert machinery.load_checkpoint(str(path)).step == 10
+
+
+def test_huge_inputs_are_named_as_the_data_and_a_run_that_saved_nothing_says_so(tmp_path, monkeypatch, capsys):
+    """Inputs of 1e30 overflow the loss: the line blames the data, not the
+    gradient; with --save but no checkpoint made yet, it says nothing was saved."""
+    draw = tasks.Adding.train_batch
+    monkeypatch.setattr(tasks.Adding, "train_batch", lambda self, seed, step, B: (
+        lambda u, y: (u * 1e30, y))(*draw(self, seed, step, B)))
+    code, err, _ = run_cli(TINY + ["--activation", "relu", "--save", str(tmp_path / "run.npz"), "--quiet"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "inputs as large as 1.0e+30: check the data" in err
+    assert "nothing was saved" in err and "--clip" not in err and not (tmp_path / "run.npz").exists()
+
+
+@pytest.mark.parametrize("script, argv, named", [
+    ("figures.py", ["--curves", "{log}"], "line 1 of"),
+    ("plateau_study.py", ["--jobs", "0"], "--jobs: '0' is not allowed"),
+    ("plateau_study.py", ["--state-norm", "--lengths", "0"], "--lengths: '0' is not allowed"),
+    ("mutants.py", ["nonexistent.py"], "no such file in the repository: nonexistent.py"),
+])
+def test_the_docs_scripts_answer_bad_arguments_in_one_line(script, argv, named, tmp_path):
+    log = tmp_path / "x.jsonl"
+    log.write_text('{"a": 1}\n')
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "docs", script),
+                          *[arg.format(log=log) for arg in argv]], capture_output=True, text=True)
+    assert run.returncode != 0 and run.stderr.count("\n") == 1 and named in run.stderr, run.stderr

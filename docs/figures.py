@@ -183,6 +183,10 @@ def read_stages(curve):
             sys.exit(f"figures.py: {path!r} is not a --metrics log (one JSON report per line): {err}")
         if not stage:
             sys.exit(f"figures.py: the log {path!r} is empty: its run made no validation report yet")
+        for number, row in enumerate(stage, 1):
+            if not (isinstance(row, dict) and ({"step", "val_metric"} <= row.keys() or "test_metric" in row)):
+                sys.exit(f"figures.py: line {number} of {path!r} is not a report of a --metrics log "
+                         f"(a JSON object with step and val_metric, or the test result): {str(row)[:80]}")
         offset = max((r["step"] for r in rows if "step" in r), default=0)
         rows += [dict(r, step=r["step"] + offset) for r in stage]
     return rows

@@ -99,10 +99,14 @@ def run_tests(work, timeout):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("modules", nargs="*", default=MODULES, help=f"files to mutate (default: {' '.join(MODULES)})")
+    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n")   # one line
     p.add_argument("--sample", type=int, default=30, help="mutants per file, drawn at random; 0: all")
     p.add_argument("--seed", type=int, default=0, help="the draw of the sample")
     p.add_argument("--timeout", type=float, default=600, help="seconds for one run of the tests")
     args = p.parse_args()
+    missing = [module for module in args.modules if not os.path.isfile(os.path.join(ROOT, module))]
+    if missing:
+        p.error(f"no such file in the repository: {', '.join(missing)} (give paths such as roa.py)")
 
     work = tempfile.mkdtemp(prefix="roa-mutants-")
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()

@@ -104,7 +104,7 @@ def run_one(args):
 
 
 def table(levers, lengths):
-    print(f"| lever | T | escaped | median escape step | solved | median solve step | median best val MSE |")
+    print("| lever | T | escaped | median escape step | solved | median solve step | median best val MSE |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for lever in levers:
         for T in lengths:
@@ -161,13 +161,21 @@ def state_norms(lengths):
                       f"{numpy.sqrt((y * y).mean()):.2f} | {flat.mean():.2f} |")
 
 
+def positive(text):
+    """An argparse type: an integer >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: it must be an integer >= 1")
+    return int(text)
+
+
 def main(argv=None):
     global STEPS
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n")   # one line
     p.add_argument("--only", action="append", choices=sorted(LEVERS), help="run these levers only")
-    p.add_argument("--lengths", type=int, nargs="+", default=[200, 500])
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
-    p.add_argument("--steps", type=int, default=STEPS, help=f"steps of each run (default {STEPS})")
+    p.add_argument("--lengths", type=positive, nargs="+", default=[200, 500])
+    p.add_argument("--jobs", type=positive, default=2, help="runs at a time (default 2)")
+    p.add_argument("--steps", type=positive, default=STEPS, help=f"steps of each run (default {STEPS})")
     p.add_argument("--table", action="store_true", help="print the table of the logs at hand, run nothing")
     p.add_argument("--state-norm", action="store_true", help="print the state's norm and saturation at "
                    "initialisation at each length, run nothing")
