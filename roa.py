@@ -401,7 +401,8 @@ def validate(model, task, progress, d_first_norm):
     training loss since the last report, and the loss and metric on the
     current length's validation set of the parameters -- or, once the weight
     average has begun, of their mean, this step's folded in. The best report
-    of the last length keeps what it validated, for the test."""
+    of the last length keeps what it validated, for the test (a NaN metric,
+    from parameters grown past float range, is never the best)."""
     stage, last_stage = task.stages[progress.stage], progress.stage == len(task.stages) - 1
     candidate, averaged = model.params, 0
     if progress.average and progress.step >= progress.average.start:
@@ -413,7 +414,8 @@ def validate(model, task, progress, d_first_norm):
     if len(task.stages) > 1:
         report.update(length=stage.T, stage=progress.stage + 1)
     progress.losses = []
-    if last_stage and (progress.best_metric is None or task.better(val_metric, progress.best_metric)):
+    if last_stage and not math.isnan(val_metric) and (progress.best_metric is None
+                                                      or task.better(val_metric, progress.best_metric)):
         progress.best_metric, progress.best_step = val_metric, progress.step
         progress.best_params = {k: v.copy() for k, v in candidate.items()}
     return report

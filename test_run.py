@@ -281,7 +281,7 @@ def test_forward_and_inference_check_their_inputs(u, named):
 
 
 @pytest.mark.parametrize("flags", [
-    ["--task", "adding", "--length", "3000", "--hidden", "32", "--batch", "16", "--steps", "2"],
+    ["--task", "adding", "--length", "3000", "--hidden", "32", "--batch", "16", "--steps", "2", "--beta", "0.01"],
     ["--task", "copy", "--length", "1000", "--hidden", "32", "--batch", "16", "--steps", "2"],
     ["--task", "deepmlp", "--depth", "3000", "--hidden", "32", "--batch", "16", "--steps", "2", "--validation", "8"],
 ])
@@ -771,7 +771,8 @@ def test_a_closed_output_pipe_stops_printing_not_training(tmp_path):
 ])
 def test_non_finite_numbers_stop_the_run_and_are_never_saved(flags, cause, tmp_path, capsys):
     path = tmp_path / "run.npz"
-    code, err, _ = run_cli(TINY + flags + ["--save", str(path), "--save-every", "1", "--quiet"], capsys)
+    tanh = ["--alpha", "0.9", "--beta", "0.1", "--activation", "tanh"]      # (the numbers below are tanh's)
+    code, err, _ = run_cli(TINY + tanh + flags + ["--save", str(path), "--save-every", "1", "--quiet"], capsys)
     assert code == 2 and "training stopped at step" in err and cause in err, err
     assert err.count("\n") == 1
     if path.exists():
@@ -1514,3 +1515,15 @@ def test_the_docs_scripts_answer_bad_arguments_in_one_line(script, argv, named, 
     run = subprocess.run([sys.executable, os.path.join(ROOT, "docs", script),
                           *[arg.format(log=log) for arg in argv]], capture_output=True, text=True)
     assert run.returncode != 0 and run.stderr.count("\n") == 1 and named in run.stderr, run.stderr
+
+
+def test_a_validation_metric_of_nan_is_never_the_best_report(tmp_path, capsys):
+    """Parameters grown past float32's range in one step (ReLU, lr 1e30)
+    validate to NaN: that report is not kept as the best, so every
+    checkpoint saved on the way loads again."""
+    path = tmp_path / "run.npz"
+    code, err, _ = run_cli(TINY + ["--activation", "relu", "--lr", "1e30", "--save", str(path), "--save-every", "1",
+                                   "--quiet"], capsys)
+    assert code == 2 and "training stopped at step" in err
+    checkpoint = machinery.load_checkpoint(str(path))
+    assert checkpoint.progress["best_metric"] is None and checkpoint.best == {}

@@ -43,6 +43,7 @@ import machinery  # noqa: E402
 import roa  # noqa: E402
 
 TINY = 1e-300           # where a norm that underflowed to 0 is drawn on a log axis
+FLOOR = 1e-30           # the bottom of figure 2: the vanilla RNN's values fall far below it
 
 
 def pyplot():
@@ -101,7 +102,7 @@ def figure_lag(plt, T, out):
     u = rng.uniform(size=(T, 2))
     lags = numpy.unique(numpy.geomspace(1, T, 25).astype(int))
     fig, ax = plt.subplots(figsize=(7, 4))
-    shown, bands = [], []
+    bands, vanished = [], []
     for label, alpha, beta in (("roaRNN, alpha 1, beta 0.1", 1.0, 0.1), ("vanilla RNN, alpha 0, beta 1", 0.0, 1.0)):
         model = roa.RoaRNN(2, 1, N, alpha, beta, seed=0)
         p = model.params
@@ -112,18 +113,22 @@ def figure_lag(plt, T, out):
                          for k in lags])
         line, = ax.loglog(lags, numpy.maximum(s[:, 0], TINY), label=f"{label}: largest")
         ax.loglog(lags, numpy.maximum(s[:, 1], TINY), "--", color=line.get_color(), label=f"{label}: smallest")
-        shown.append(s[s > 0])
         if alpha > 0:
             w = numpy.linalg.norm(p["W"], 2)
+            roa_range = s.min() / 10, s.max() * 10
             with numpy.errstate(over="ignore"):
                 bands.append((line.get_color(), (alpha - beta * w) ** lags.astype(float),
                               (alpha + beta * w) ** lags.astype(float)))
-    low, high = min(x.min() for x in shown) / 10, max(x.max() for x in shown) * 10
-    for color, lower, upper in bands:        # the bounds, clipped to the singular values' range
-        ax.fill_between(lags, numpy.clip(lower, low, high), numpy.clip(upper, low, high), color=color, alpha=0.1,
-                        label="section 4 bounds (roaRNN), clipped to the plot")
+        else:
+            vanished = lags[s[:, 0] < FLOOR]
+    for color, lower, upper in bands:        # the bounds, clipped to the roaRNN's singular values' range
+        ax.fill_between(lags, numpy.clip(lower, *roa_range), numpy.clip(upper, *roa_range), color=color,
+                        alpha=0.1, label="section 4 bounds (roaRNN), clipped to its values")
+    if len(vanished):
+        ax.text(0.98, 0.04, f"the vanilla RNN's largest singular value is below {FLOOR:.0e} from lag "
+                f"{vanished[0]:,} on", transform=ax.transAxes, ha="right", fontsize=8)
     ax.set(xlabel="lag k = T - t", ylabel="singular values of d h_T / d h_t",
-           title=f"Gradient through time at initialisation (N {N}, T {T:,})", ylim=(low, high))
+           title=f"Gradient through time at initialisation (N {N}, T {T:,})", ylim=(FLOOR, roa_range[1]))
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)

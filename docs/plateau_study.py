@@ -6,7 +6,7 @@
     python docs/plateau_study.py --state-norm --lengths 200 1000     # the state at initialisation
 
 Each lever is a set of flags added to one short roaRNN run of the adding
-problem (alpha 1, N 64, the adding preset otherwise), run at each length on
+problem (alpha 1, beta 0.1, tanh, N 64, Adam 2e-3, batch 64), run at each length on
 seeds 0-4, two runs at a time at one BLAS thread each. A run's validation
 MSE reports go to runs/study/LEVER-TLENGTH-seedSEED.jsonl, its checkpoints
 to the .npz beside it (a finished log is not run again; a run cut short is
@@ -73,7 +73,8 @@ def command(lever, T, seed):
     if os.path.exists(checkpoint):
         return [sys.executable, os.path.join(ROOT, "roa.py"), "--resume", checkpoint, "--steps", str(STEPS), "--quiet"]
     return [sys.executable, os.path.join(ROOT, "roa.py"), "--task", "adding", "--length", str(T),
-            "--alpha", "1", "--steps", str(STEPS), "--eval-every", str(EVERY), "--seed", str(seed),
+            "--alpha", "1", "--beta", "0.1", "--activation", "tanh", "--steps", str(STEPS),
+            "--eval-every", str(EVERY), "--seed", str(seed),
             "--threads", "1", "--quiet", "--metrics", log_path(lever, T, seed), "--save", checkpoint,
             "--save-every", str(SAVE_EVERY), *LEVERS[lever][1](T)]
 
