@@ -39,8 +39,8 @@ import numpy
 from threadpoolctl import threadpool_limits
 
 from autograd import ACTIVATIONS, SGD, Adam, RoaError, array_module, free_memory, to_numpy
-from roa import (DTYPES, EVAL_BYTES, RULES, SIZE, Hooks, NotFinite, Plan, Progress, RoaFNN, RoaRNN, WeightAverage, all_finite,
-                 check, is_integer, is_real, learning_rate, one_of, train)
+from roa import (DTYPES, EVAL_BYTES, RULES, SIZE, Hooks, NotFinite, Plan, Progress, RoaFNN, RoaRNN, WeightAverage,
+                 all_finite, check, is_integer, is_real, learning_rate, one_of, stage_label, train)
 from tasks import HELD_OUT, MNIST, PRESETS, Adding, Copy, Curriculum, DeepMNIST, PsMNIST, Synthetic
 
 
@@ -60,7 +60,8 @@ RULES.update({
     "validation": SIZE, "threads": SIZE,
     "average_from": (lambda v: is_real(v) and 0 <= v < 1, "a fraction of the run >= 0 and < 1 (0: no weight average)"),
     "weight_decay": NON_NEGATIVE,
-    "lr": (lambda v: is_real(v) and v > 0 or (isinstance(v, list) and len(v) >= 2 and all(is_real(x) and x > 0 for x in v)),
+    "lr": (lambda v: is_real(v) and v > 0
+           or (isinstance(v, list) and len(v) >= 2 and all(is_real(x) and x > 0 for x in v)),
            "a finite number > 0, or one per curriculum stage, such as 2e-3,5e-4"),
     "clip": (NON_NEGATIVE[0], "a finite number >= 0 (0: no clipping)"),
     "optimizer": one_of(OPTIMIZERS), "schedule": one_of(SCHEDULES), "task": one_of(TASKS),
@@ -547,11 +548,10 @@ class RunHooks(Hooks):
         self.stage_began = (time.time(), report["step"])
 
     def step_done(self, progress):
-        step, stages = progress.step, self.task.stages
+        step = progress.step
         if progress.losses and time.time() - self.last_line > HEARTBEAT_SECONDS:    # slow steps: where we are
-            where = "" if len(stages) == 1 else f"[T={stages[progress.stage].T}, stage {progress.stage + 1}/{len(stages)}]  "
-            self.log(f"step {step:>{len(str(self.plan.steps))}}/{self.plan.steps}  {where}"
-                     f"loss {progress.losses[-1]:.4f}  {self.pace(step)[1]}")
+            self.log(f"step {step:>{len(str(self.plan.steps))}}/{self.plan.steps}  "
+                     f"{stage_label(self.task, progress.stage)}loss {progress.losses[-1]:.4f}  {self.pace(step)[1]}")
             self.last_line = time.time()
         if self.save and (step == self.plan.steps or self.stop.signum
                           or (self.plan.save_every and step % self.plan.save_every == 0)):

@@ -421,10 +421,15 @@ def validate(model, task, progress, d_first_norm):
     return report
 
 
+def stage_label(task, stage):
+    """Where a curriculum's run stands, "[T=200, stage 2/3]  "; "" for one length."""
+    return "" if len(task.stages) == 1 else f"[T={task.stages[stage].T}, stage {stage + 1}/{len(task.stages)}]  "
+
+
 def report_line(report, model, task, plan):
     """A validation report as the progress line that a run prints."""
     stage = task.stages[report.get("stage", 1) - 1]
-    where = f"[T={stage.T}, stage {report['stage']}/{len(task.stages)}]  " if "stage" in report else ""
+    where = stage_label(task, report.get("stage", 1) - 1)
     n = report["averaged"]
     mean_of = f" (the weights' mean over {n} report{'s' * (n > 1)})" if n else ""
     return (f"step {report['step']:>{len(str(plan.steps))}}/{plan.steps}  {where}loss {report['loss']:.4f}  "

@@ -8,7 +8,6 @@ import itertools
 import math
 import os
 import tempfile
-import tracemalloc
 
 import numpy
 import pytest

@@ -1,12 +1,12 @@
 """docs/figures.py -- the pictures of docs/RESULTS.md, computed by the engine itself.
 
     python -m pip install -r requirements-plots.txt
-    python docs/figures.py                               # figures 1-3, quick: under 1 minute, about 1.1 GB
+    python docs/figures.py                               # figures 1-3, quick: seconds, under 1 GB
     python docs/figures.py --full                        # at the paper's scale: about 11 minutes, 10 GB
     python docs/figures.py --trained runs/deep.npz       # figure 3 also after training (a deepmlp checkpoint)
     python docs/figures.py --curves runs/adding-roa.jsonl runs/adding-vanilla.jsonl ...   # figure 4
     python docs/figures.py --out docs/figures ...        # over the figures that docs/RESULTS.md shows
-    python docs/figures.py --curves ... --curves-name adding_long_curves.png   # figure 4 under another name
+    python docs/figures.py --curves ... --curves-name copy_curves.png   # figure 4 under another name
 
 Writes PNG files into --out (default runs/figures/, which git ignores):
 1. gradient_vs_depth.png: the norm of dL/dx_l, the gradient that backprop
@@ -254,7 +254,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--full", action="store_true", help="figures 1 and 2 at the paper's scale: depth 50,000, "
                    "lags to 10,000 (about 11 minutes and 10 GB; default: depth 5,000, lags to 2,000, about "
-                   "1 minute and 1.1 GB)")
+                   "15 seconds and 1 GB)")
     p.add_argument("--trained", help="a deepmlp checkpoint for figure 3")
     p.add_argument("--curves", nargs="*", default=[], help="--metrics logs for figure 4; logs joined by + "
                    "are the stages of one curriculum, drawn end to end")
