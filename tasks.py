@@ -250,8 +250,8 @@ def parse_idx(raw, name):
     return numpy.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
-def read_idx(path):
-    """Read an IDX file, raw or gzip-compressed."""
+def idx_bytes(path):
+    """The bytes of an IDX file, raw or gzip-compressed (then decompressed)."""
     if os.path.exists(path) and not os.path.isfile(path):       # (opening a FIFO would wait for a writer)
         raise RoaError(f"{path} is not a regular file (a folder, a pipe, a device ...): an IDX file is needed")
     try:
@@ -264,7 +264,12 @@ def read_idx(path):
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as err:
             raise RoaError(f"{path}: corrupt or truncated gzip data ({err})") from None
-    return parse_idx(raw, path)
+    return raw
+
+
+def read_idx(path):
+    """Read an IDX file, raw or gzip-compressed."""
+    return parse_idx(idx_bytes(path), path)
 
 
 def find_mnist_file(data_dir, name):
@@ -302,15 +307,23 @@ def fetch_mnist(data_dir, log=print):
 
 
 def load_mnist(data_dir, fetch=False, log=print):
-    """(train images, train labels, test images, test labels) from data_dir;
-    with fetch=True, missing files are fetched first."""
+    """(train images, train labels, test images, test labels) from data_dir.
+    With fetch=True (the default folder), missing files are fetched first,
+    and every file must be the release's, by its SHA-256; with another
+    folder, any four IDX files of MNIST's shapes are taken."""
     missing = [n for n in MNIST_SHA256 if find_mnist_file(data_dir, n) is None]
     if missing and fetch:
         fetch_mnist(data_dir, log)
     elif missing:
         raise RoaError(f"no MNIST files {missing} (raw or .gz) in {data_dir!r}: point --data-dir at "
                        "the folder that holds them, or leave --data-dir out to fetch them")
-    arrays = [read_idx(find_mnist_file(data_dir, n)) for n in MNIST_SHA256]
+    raw = {n: idx_bytes(find_mnist_file(data_dir, n)) for n in MNIST_SHA256}
+    for name, sha in MNIST_SHA256.items():
+        if fetch and hashlib.sha256(raw[name]).hexdigest() != sha:
+            raise RoaError(f"{find_mnist_file(data_dir, name)} is not the MNIST release's file (its SHA-256 "
+                           f"differs from {sha[:12]}...): remove it to fetch it again, or pass --data-dir "
+                           f"{data_dir} to train on these files as they are")
+    arrays = [parse_idx(raw[n], find_mnist_file(data_dir, n)) for n in MNIST_SHA256]
     images, labels, test_images, test_labels = arrays
     for imgs, labs, split in ((images, labels, "train"), (test_images, test_labels, "t10k")):
         if imgs.ndim != 3 or imgs.shape[1:] != (28, 28) or labs.shape != (imgs.shape[0],):

@@ -1527,3 +1527,13 @@ def test_a_validation_metric_of_nan_is_never_the_best_report(tmp_path, capsys):
     assert code == 2 and "training stopped at step" in err
     checkpoint = machinery.load_checkpoint(str(path))
     assert checkpoint.progress["best_metric"] is None and checkpoint.best == {}
+
+
+def test_the_default_mnist_folder_holds_only_the_releases_files(tmp_path):
+    """In the default folder (fetch=True) files that are not the release's,
+    by SHA-256, are refused in one line naming the file and --data-dir; the
+    same files pass with --data-dir (fetch=False)."""
+    write_fake_mnist(tmp_path, 12, 6)
+    with pytest.raises(ag.RoaError, match="is not the MNIST release's file .*--data-dir"):
+        tasks.load_mnist(str(tmp_path), fetch=True)
+    assert len(tasks.load_mnist(str(tmp_path))[0]) == 12
