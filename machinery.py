@@ -245,8 +245,10 @@ def check_flags(args):
 
 def fill_defaults(args, saved=None, fixed=TRAINING_FLAGS):
     """Fill the flags left out: those in `fixed` from a checkpoint's
-    configuration `saved`, the rest from the task's preset; a flag in
-    `fixed` given with another value than the checkpoint's is an error."""
+    configuration `saved`, the rest from the task's preset (where the
+    preset's beta is "c/T", c divided by the run's length, to 4 digits); a
+    flag in `fixed` given with another value than the checkpoint's is an
+    error."""
     if saved is not None:
         for name in fixed:
             given = getattr(args, name)
@@ -265,6 +267,8 @@ def fill_defaults(args, saved=None, fixed=TRAINING_FLAGS):
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if isinstance(args.beta, str):                      # a preset's "20/T": beta = 20 / the run's length
+        args.beta = float(f"{float(args.beta[:-2]) / args.length:.4g}")
     check_rates(args.lr, args.curriculum)
     return args
 

@@ -441,8 +441,8 @@ class DeepMNIST(MNIST):
 # ------------------------------------------------------- task defaults
 
 PRESETS = {
-    "adding": dict(length=150, hidden=64, alpha=1.0, beta=0.1333, activation="relu", optimizer="adam", lr=2e-3,
-                   batch=64, steps=11000),    # beta 20 / T, chosen on validation: docs/RESULTS.md, the first command
+    "adding": dict(length=150, hidden=64, alpha=1.0, beta="20/T", activation="relu", optimizer="adam", lr=2e-3,
+                   batch=64, steps=11000),    # chosen on validation at T = 150: docs/RESULTS.md, the first command
     "copy": dict(length=100, hidden=128, alpha=1.0, beta=0.1, optimizer="adam", lr=1e-3, batch=64,
                  steps=3000),
     "psmnist": dict(hidden=256, alpha=1.0, beta=0.05, activation="relu", optimizer="adam", lr=2e-3,

@@ -1252,9 +1252,11 @@ def test_a_label_outside_0_to_9_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("width, cores, threads", [
-    (1023, 8, 1), (1024, 8, 4), (1024, 3, 1), (1024, 4, 2), (4096, 16, 4), (64, 64, 1)])
+    (1023, 8, 1), (1024, 8, 4), (1024, 3, 1), (1024, 4, 2), (1024, 5, 2), (1024, 6, 3), (1024, 7, 3),
+    (4096, 16, 4), (64, 64, 1)])
 def test_the_thread_rule_at_its_thresholds(width, cores, threads):
-    assert machinery.auto_threads(width, cores) == threads
+    chosen = machinery.auto_threads(width, cores)
+    assert chosen == threads and type(chosen) is int          # (threadpoolctl takes an int)
 
 
 def test_available_cores_reads_the_cgroup_cpu_quota(tmp_path):
@@ -1537,3 +1539,85 @@ def test_the_default_mnist_folder_holds_only_the_releases_files(tmp_path):
     with pytest.raises(ag.RoaError, match="is not the MNIST release's file .*--data-dir"):
         tasks.load_mnist(str(tmp_path), fetch=True)
     assert len(tasks.load_mnist(str(tmp_path))[0]) == 12
+
+
+@pytest.mark.parametrize("flags, beta", [([], 0.1333), (["--length", "1000"], 0.02), (["--length", "7"], 2.857),
+                                         (["--curriculum", "100,400"], 0.05), (["--beta", "0.3"], 0.3)])
+def test_the_adding_presets_beta_is_20_over_the_length(flags, beta):
+    """The adding preset's beta is 20 / T, to 4 digits (0.1333 at T = 150,
+    the value the study chose), unless --beta is given."""
+    args = machinery.fill_defaults(machinery.parse_args(["--task", "adding", *flags]))
+    assert args.beta == beta and isinstance(args.beta, float)
+
+
+# ------------------------------------------------ inputs exactly at their limits
+
+@pytest.mark.parametrize("curriculum, allowed", [("2,10", True), ("10,10", False), ("1,10", False),
+                                                 ("10,2", False), ("5", False)])
+def test_a_curriculum_of_growing_lengths_from_2(curriculum, allowed, capsys):
+    code, err, _ = run_cli(["--task", "adding", "--curriculum", curriculum, "--hidden", "4", "--steps", "2",
+                            "--quiet"], capsys)
+    assert (code == 0) == allowed and (allowed or "two or more lengths >= 2, growing" in err), err
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--validation", "0"], "it must be an integer >= 1"), (["--validation", "1"], None),
+    (["--validation", "39", "--batch", "1"], None), (["--validation", "40"], "validation size must be in 1 .. 39"),
+    (["--validation", "8", "--batch", "32"], None),
+    (["--validation", "8", "--batch", "33"], "a batch of 33 is more than the 32 training images")])
+def test_mnist_validation_and_batch_sizes_at_their_limits(flags, named, tmp_path, capsys):
+    write_fake_mnist(tmp_path, 40, 10)
+    code, err, _ = run_cli(["--task", "psmnist", "--hidden", "4", "--steps", "1", "--data-dir", str(tmp_path),
+                            "--quiet", *flags], capsys)
+    assert (code == 0 and err == "") if named is None else (code == 2 and named in err), err
+
+
+def test_an_idx_file_whose_first_byte_is_not_0_is_refused():
+    raw = idx_bytes(numpy.array([1, 2, 3]))
+    assert list(tasks.parse_idx(raw, "x")) == [1, 2, 3]
+    with pytest.raises(ag.RoaError, match="not an IDX file"):
+        tasks.parse_idx(b"\x01" + raw[1:], "x")
+
+
+def edited_checkpoint(path, **changes):
+    """Rewrite the checkpoint at path with some arrays changed (None: removed)."""
+    arrays = machinery.read_arrays(path)
+    for name, value in changes.items():
+        if value is None:
+            arrays.pop(name)
+        else:
+            arrays[name] = value
+    numpy.savez(path, **arrays)
+
+
+def test_checkpoint_edge_cases_resume_or_are_refused_by_name(tmp_path, capsys):
+    """An Adam step count of 0 and a progress record without its stage
+    resume; a weight average of count 1 whose mean has the wrong shape, and
+    a curriculum stage that does not exist, are refused in one line; the
+    resume of a finished run with its own --steps scores it again."""
+    path = str(tmp_path / "run.npz")
+    assert machinery.main(TINY + ["--save", path, "--average-from", "0.5", "--eval-every", "5", "--quiet"]) == 0
+    expected = final_line(capsys.readouterr().out)
+    assert machinery.main(["--resume", path, "--steps", "10", "--quiet"]) == 0
+    assert final_line(capsys.readouterr().out) == expected
+    progress = json.loads(str(machinery.read_arrays(path)["progress"]))
+    edited_checkpoint(path, **{"optim.t": numpy.array(0),
+                               "progress": numpy.array(json.dumps({k: v for k, v in progress.items() if k != "stage"}))})
+    assert machinery.main(["--resume", path, "--steps", "11", "--quiet"]) == 0
+    good = machinery.read_arrays(path)
+    edited_checkpoint(path, **{"average.count": numpy.array(1), "average.mean.W": numpy.zeros((3, 3))})
+    code, err, _ = run_cli(["--resume", path, "--steps", "12"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "weight average of W" in err
+    numpy.savez(path, **dict(good, progress=numpy.array(json.dumps(dict(progress, stage=3)))))
+    code, err, _ = run_cli(["--resume", path, "--steps", "12"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "its curriculum stage 4 does not exist (the run has 1)" in err
+
+
+def test_the_test_result_is_printed_before_a_failed_last_save_is_reported(tmp_path, monkeypatch, capsys):
+    """Every place to save refused at the end: the finished run's test
+    result is printed first, then one line says the save failed, exit 2."""
+    path = str(tmp_path / "run.npz")
+    monkeypatch.setattr(machinery, "write_whole", lambda where, write: (_ for _ in ()).throw(OSError(28, "full")))
+    code, err, out = run_cli(TINY + ["--save", path], capsys)
+    assert code == 2 and "test MSE" in final_line(out) and "saved" not in final_line(out)
+    assert err.count("\n") == 1 and "could not save the checkpoint" in err
