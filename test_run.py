@@ -40,7 +40,7 @@ def test_short_adding_run_beats_the_baseline():
     """A few seconds of training on the adding problem (T = 30) drives the test
     MSE far below the 0.167 of predicting 1."""
     args = machinery.parse_args(["--task", "adding", "--length", "30", "--steps", "1500", "--hidden", "32",
-                           "--lr", "3e-3"])
+                                 "--lr", "3e-3", "--alpha", "0.9", "--beta", "0.1", "--activation", "tanh"])
     test_mse, _ = machinery.run(args, log=lambda line: None)
     assert test_mse < 0.05
 
@@ -818,7 +818,7 @@ def test_metrics_log_has_one_json_line_per_report_and_the_test_result_last(tmp_p
     assert [line["step"] for line in lines] == [5, 10]
     assert all({"loss", "val_loss", "val_metric", "first_state_grad_norm"} <= set(line) for line in lines)
     best = min(lines, key=lambda line: line["val_metric"])
-    printed = re.search(r"test MSE (\d\.\d+), test loss (\d\.\d+)", capsys.readouterr().out).groups()
+    printed = re.search(r"test MSE (\d+\.\d+), test loss (\d+\.\d+)", capsys.readouterr().out).groups()
     assert test.keys() == {"test_loss", "test_metric", "chosen_step"} and test["chosen_step"] == best["step"]
     assert (f"{test['test_metric']:.4f}", f"{test['test_loss']:.4f}") == printed
 
@@ -1524,8 +1524,8 @@ def test_a_validation_metric_of_nan_is_never_the_best_report(tmp_path, capsys):
     validate to NaN: that report is not kept as the best, so every
     checkpoint saved on the way loads again."""
     path = tmp_path / "run.npz"
-    code, err, _ = run_cli(TINY + ["--activation", "relu", "--lr", "1e30", "--save", str(path), "--save-every", "1",
-                                   "--quiet"], capsys)
+    code, err, _ = run_cli(TINY + ["--activation", "relu", "--beta", "0.1333", "--lr", "1e30", "--save", str(path),
+                                   "--save-every", "1", "--quiet"], capsys)
     assert code == 2 and "training stopped at step" in err
     checkpoint = machinery.load_checkpoint(str(path))
     assert checkpoint.progress["best_metric"] is None and checkpoint.best == {}
