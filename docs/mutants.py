@@ -108,11 +108,15 @@ def main():
     if missing:
         p.error(f"no such file in the repository: {', '.join(missing)} (give paths such as roa.py)")
 
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if tracked.returncode != 0:
+        p.error(f"{ROOT} is not a git checkout: the files to copy are the ones git tracks")
     work = tempfile.mkdtemp(prefix="roa-mutants-")
-    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for name in tracked:
+    for name in tracked.stdout.split():
         os.makedirs(os.path.join(work, os.path.dirname(name)), exist_ok=True)
         shutil.copy2(os.path.join(ROOT, name), os.path.join(work, name))
+    git = os.path.join(ROOT, ".git")                          # (the suite runs this script too, in the copy)
+    (shutil.copytree if os.path.isdir(git) else shutil.copy2)(git, os.path.join(work, ".git"))
     if os.path.isdir(os.path.join(ROOT, "data")):             # MNIST, where it was fetched: no download per run
         os.symlink(os.path.join(ROOT, "data"), os.path.join(work, "data"))
 
