@@ -87,13 +87,15 @@ def compiles(text):
 
 
 def run_tests(work, timeout):
-    """The README's test command in the folder `work`: "passed", "failed" or "timed out"."""
+    """The README's test command in the folder `work`: "passed", "failed"
+    (with the first failing test's name) or "timed out"."""
     try:
         run = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *TESTS],
-                             cwd=work, capture_output=True, timeout=timeout)
+                             cwd=work, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return "timed out"
-    return "passed" if run.returncode == 0 else "failed"
+    failed = [line.split()[1] for line in run.stdout.splitlines() if line.startswith("FAILED")]
+    return "passed" if run.returncode == 0 else "failed" + (f" ({failed[0]})" if failed else "")
 
 
 def main():
@@ -140,7 +142,7 @@ def main():
                 with open(path, "w") as f:
                     f.write(apply(source_lines, mutant))
                 outcome = {"failed": "killed", "passed": "SURVIVED", "timed out": "timed out"}[
-                    run_tests(work, args.timeout)]
+                    run_tests(work, args.timeout).split(" (")[0]]
                 line, col, old, new = mutant
                 print(f"{module}:{line}:{col}: {old} -> {new}: {outcome}", flush=True)
                 outcomes.append(outcome)
