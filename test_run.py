@@ -470,7 +470,11 @@ def test_a_checkpoint_that_cannot_go_to_its_path_goes_beside_it(tmp_path, monkey
 
 def signal_at(monkeypatch, steps, signum=signal.SIGTERM):
     """Make training send itself `signum` right after each step in `steps`
-    (as a preemption or Ctrl-C would arrive during it)."""
+    (as a preemption or Ctrl-C would arrive during it). A suite started as a
+    shell's background job inherits an ignored SIGINT, which a run keeps
+    ignoring: the test process takes Python's own handler back first."""
+    if signum == signal.SIGINT and signal.getsignal(signum) is signal.SIG_IGN:
+        signal.signal(signum, signal.default_int_handler)
     step_once = roa.train_step
 
     def step_and_signal(model, task, optimizer, seed, step, batch):
