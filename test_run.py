@@ -883,9 +883,11 @@ def test_figures_draw_curriculum_stages_end_to_end(tmp_path):
         paths.append(str(tmp_path / f"stage{i}.jsonl"))
         with open(paths[-1], "w") as f:
             f.writelines(json.dumps({"step": s, "val_loss": 1.0 / s, "val_metric": i}) + "\n" for s in steps)
+            f.write(json.dumps({"test_loss": 1.0, "test_metric": 0.5, "chosen_step": steps[-1]}) + "\n")
     rows = figures.read_stages("+".join(paths))
-    assert [r["step"] for r in rows] == [1, 2, 3, 8, 13]
-    assert [r["val_metric"] for r in rows] == [0, 0, 0, 1, 1]
+    assert [r.get("step") for r in rows] == [1, 2, 3, None, 8, 13, None]
+    assert [r.get("val_metric") for r in rows] == [0, 0, 0, None, 1, 1, None]
+    assert [r["chosen_step"] for r in rows if "test_metric" in r] == [3, 13]
 
 
 # -------------------------------------------------------------- documents

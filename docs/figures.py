@@ -31,6 +31,7 @@ Writes PNG files into --out (default runs/figures/, which git ignores):
 import argparse
 import json
 import os
+import re
 import sys
 
 import numpy
@@ -189,11 +190,13 @@ def read_stages(curve):
         if not stage:
             sys.exit(f"figures.py: the log {path!r} is empty: its run made no validation report yet")
         for number, row in enumerate(stage, 1):
-            if not (isinstance(row, dict) and ({"step", "val_metric"} <= row.keys() or "test_metric" in row)):
+            if not (isinstance(row, dict) and ({"step", "val_metric"} <= row.keys()
+                                               or {"test_metric", "chosen_step"} <= row.keys())):
                 sys.exit(f"figures.py: line {number} of {path!r} is not a report of a --metrics log "
                          f"(a JSON object with step and val_metric, or the test result): {str(row)[:80]}")
         offset = max((r["step"] for r in rows if "step" in r), default=0)
-        rows += [dict(r, step=r["step"] + offset) for r in stage]
+        rows += [dict(r, step=r["step"] + offset) if "step" in r else dict(r, chosen_step=r["chosen_step"] + offset)
+                 for r in stage]
     return rows
 
 
@@ -231,6 +234,7 @@ def figure_curves(plt, curves, out):
             rows = read_stages(curve)
             reports = [r for r in rows if "val_metric" in r]
             label = os.path.splitext(os.path.basename(curve))[0].split("-", 1)[-1]
+            label = re.sub(r"(^|-)s(\d+)$", lambda m: f"{' ' if m.group(1) else ''}seed {m.group(2)}", label)
             line, = ax.plot([r["step"] for r in reports], [r["val_metric"] for r in reports], label=label)
             for test in (r for r in rows if "test_metric" in r):
                 ax.plot(test["chosen_step"], test["test_metric"], "X", ms=9, color=line.get_color(),
