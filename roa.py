@@ -128,6 +128,8 @@ class Model:
         """dL/dx, dL/dV, dL/dc of readout_forward; dz must have the shape of
         the scores z that forward returned."""
         mask, out_cache = cache
+        if out_cache[1] is not self.params["V"]:        # (the parameters are updated in place: the same arrays)
+            raise RoaError("backward: the cache was made by another model's forward; give this model's")
         z_shape = out_cache[0].shape[:-1] + (self.params["V"].shape[0],)
         if (getattr(dz, "shape", None) != z_shape or get_array_module(dz) is not self.xp
                 or dz.dtype != self.dtype):
@@ -263,7 +265,7 @@ class RoaRNN(Model):
         return g, dh0
 
 
-# ---------------------------------------------------- learning
+# -------------------------------------------------------------- learning
 
 EVAL_BYTES = 2**30          # the most that one chunk of an evaluation may take
 

@@ -244,6 +244,8 @@ def test_backward_losses_optimisers_and_set_params_check_their_inputs():
         (lambda: model.backward(numpy.zeros((3, 2)), cache), "shape (3, 1)"),
         (lambda: model.backward(numpy.zeros((3, 1), numpy.float32), cache), "float64 array"),   # mixed dtypes
         (lambda: ag.Adam("x"), "lr must be a finite number > 0, got 'x'"),
+        (lambda: roa.RoaRNN(2, 1, 4, 1.0, 0.1, dtype="float64").backward(numpy.zeros((3, 1)), cache),
+         "the cache was made by another model's forward"),
         (lambda: ag.rnn_forward(u, numpy.zeros((3, 5)), model.params["W"], model.O, model.params["U"],
                                 model.params["b"], 1.0, 0.1, model.act), "h0 must be"),
         (lambda: model.forward(numpy.zeros((5, 0, 2))), "no size 0"),                 # an empty batch
