@@ -1150,12 +1150,26 @@ def memory_needed(args, task):
 
 def memory_left(xp):
     """Bytes free for new arrays: the system's (or the GPU's), within every
-    memory limit of the process's cgroups (cgroup_memory_left)."""
+    memory limit of the process's cgroups (cgroup_memory_left) and its
+    address-space limit (address_space_left, ulimit -v)."""
     free = free_memory(xp)
     if xp is not numpy:
         return free
-    left = cgroup_memory_left()
-    return left if free is None else free if left is None else min(free, left)
+    return min((x for x in (free, cgroup_memory_left(), address_space_left()) if x is not None), default=None)
+
+
+def address_space_left(status="/proc/self/status"):
+    """What the process's address-space limit (ulimit -v) leaves beyond the
+    virtual memory it has mapped (VmSize); None without a limit."""
+    limit, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if limit == resource.RLIM_INFINITY:
+        return None
+    try:
+        with open(status) as f:
+            mapped = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mapped = 0
+    return max(0, limit - mapped)
 
 
 def cgroup_memory_left(proc_cgroup="/proc/self/cgroup", root="/sys/fs/cgroup"):

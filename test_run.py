@@ -1629,3 +1629,18 @@ def test_the_test_result_is_printed_before_a_failed_last_save_is_reported(tmp_pa
     code, err, out = run_cli(TINY + ["--save", path], capsys)
     assert code == 2 and "test MSE" in final_line(out) and "saved" not in final_line(out)
     assert err.count("\n") == 1 and "could not save the checkpoint" in err
+
+
+def test_an_address_space_limit_counts_as_memory_left(tmp_path):
+    """Under `ulimit -v`, a run that would not fit is refused before any work
+    in one line, as under a cgroup limit, and a checkpoint that would
+    inflate past the limit is refused by name, not by a MemoryError."""
+    path = str(tmp_path / "big.npz")
+    numpy.savez_compressed(path, config=numpy.array("{}"), step=numpy.array(0), filters=numpy.zeros(4),
+                           **{"param.W": numpy.zeros((5000, 100000), numpy.float32)})       # 2 GB, a few MB zipped
+    limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (1536 * 2**20, resource.RLIM_INFINITY))    # noqa: E731
+    for flags, named in [(["--task", "adding", "--length", "20000", "--steps", "1"], "this run needs about"),
+                         (["--resume", path], "would take 2.0 GB once read")]:
+        run = subprocess.run([sys.executable, os.path.join(ROOT, "roa.py"), *flags], capture_output=True, text=True,
+                             preexec_fn=limit)
+        assert run.returncode == 2 and run.stderr.count("\n") == 1 and named in run.stderr, run.stderr
