@@ -57,7 +57,7 @@ PATH = (lambda v: v is None or (isinstance(v, str) and v != ""), "a path")
 # held to this one table, by roa.check.
 RULES.update({
     "length": SIZE, "batch": SIZE, "steps": SIZE, "epochs": SIZE, "eval_every": SIZE, "save_every": SIZE,
-    "validation": SIZE, "threads": SIZE,
+    "validation": SIZE, "threads": SIZE, "warmup": (lambda v: is_integer(v) and v >= 0, "an integer >= 0"),
     "average_from": (lambda v: is_real(v) and 0 <= v < 1, "a fraction of the run >= 0 and < 1 (0: no weight average)"),
     "weight_decay": NON_NEGATIVE,
     "lr": (lambda v: is_real(v) and v > 0
@@ -76,7 +76,7 @@ RULES.update({
 # what a checkpoint's parameters fix: starting from them (--init) with another value is a mistake
 ARCHITECTURE_FLAGS = ("task", "hidden", "depth", "alpha", "beta", "activation", "dtype", "seed")
 # what a checkpoint's run fixes: resuming it (--resume) with another value is a mistake
-TRAINING_FLAGS = ARCHITECTURE_FLAGS + ("length", "curriculum", "advance_at", "optimizer", "lr", "schedule",
+TRAINING_FLAGS = ARCHITECTURE_FLAGS + ("length", "curriculum", "advance_at", "optimizer", "lr", "schedule", "warmup",
                                        "weight_decay", "clip", "dropout",
                                        "batch", "average_from", "eval_every", "validation")
 # what a checkpoint keeps besides: the run's length (a resume may extend it) and its outputs (a resume may change them)
@@ -153,6 +153,8 @@ def parse_args(argv):
                    "every stage or one per stage, such as 2e-3,5e-4,5e-4")
     p.add_argument("--schedule", choices=SCHEDULES, help="learning rate constant, or decayed to 0 "
                    "along half a cosine over the run's steps (default constant)")
+    p.add_argument("--warmup", type=flag_type("warmup"), metavar="STEPS", help="raise the learning rate "
+                   "linearly over the first STEPS steps, from lr / STEPS to lr (default 0: no warm-up)")
     p.add_argument("--weight-decay", type=flag_type("weight_decay"), help="Adam's decoupled weight decay "
                    "lambda: each step every parameter shrinks by the factor 1 - lr lambda (default 0)")
     p.add_argument("--clip", type=flag_type("clip"), metavar="NORM", help="before each update, scale the "
@@ -257,8 +259,8 @@ def fill_defaults(args, saved=None, fixed=TRAINING_FLAGS):
                                f"trained with {name} = {saved[name]!r}; leave the flag out to take the checkpoint's")
             if given is None:
                 setattr(args, name, saved.get(name))
-    defaults = {"activation": "tanh", "schedule": "constant", "weight_decay": 0.0, "clip": 0.0, "dropout": 0.0,
-                "dtype": "float32",
+    defaults = {"activation": "tanh", "schedule": "constant", "warmup": 0, "weight_decay": 0.0, "clip": 0.0,
+                "dropout": 0.0, "dtype": "float32",
                 "average_from": 0, "seed": 0, "validation": 5000, **PRESETS[args.task]}
     if args.curriculum:                                 # the run is scored at its last length
         args.length = args.curriculum[-1]
@@ -366,7 +368,8 @@ def describe(args, task, steps):
         curriculum = f" (curriculum {','.join(map(str, args.curriculum))}{on_at})"
     shape = (f"roaFNN L={args.depth} N={args.hidden}" if task.model == "fnn"
              else f"T={task.T}{curriculum} | roaRNN N={args.hidden}")
-    regularisers = (f" weight decay {args.weight_decay}" if args.weight_decay else "") + \
+    regularisers = (f" warm-up {args.warmup}" if args.warmup else "") + \
+        (f" weight decay {args.weight_decay}" if args.weight_decay else "") + \
         (f" clip {args.clip}" if args.clip else "") + \
         (f" dropout {args.dropout}" if args.dropout else "")
     return (f"roa: {task.name} {shape} alpha={args.alpha} beta={args.beta} {args.activation} | "
@@ -414,7 +417,7 @@ def run(args, log=None):
     model = make_model(args, task)
     filters = filter_fingerprint(model.O)
     plan = Plan(steps, args.batch, args.seed, args.eval_every, args.lr, args.schedule, args.save_every or 0,
-                args.advance_at)
+                args.advance_at, args.warmup)
     lr = learning_rate(plan, 1)                         # (train sets each step's rate)
     optimizer = Adam(lr, args.weight_decay, args.clip) if args.optimizer == "adam" else SGD(lr, args.clip)
     average_start = max(1, math.ceil(args.average_from * steps))        # the fraction's first step

@@ -340,16 +340,18 @@ class Plan(NamedTuple):
     schedule: str = "constant"  # or "cosine": see learning_rate
     save_every: int = 0         # 0: save only at the end (and when stopped)
     advance_at: float = None    # a curriculum's stage ends at this validation metric (None: when solved)
+    warmup: int = 0             # steps over which the rate rises linearly from lr / warmup to lr
 
 
 def learning_rate(plan, step, stage=0):
     """The learning rate of step `step` (1 .. plan.steps), trained on
     curriculum stage `stage`: the stage's rate lr throughout, or decayed along
-    half a cosine from lr at step 1 towards 0 at the run's end."""
+    half a cosine from lr at step 1 towards 0 at the run's end; with a
+    warm-up of W steps, step s < W takes s / W of that rate."""
     lr = plan.lr[stage] if isinstance(plan.lr, list) else plan.lr
     if plan.schedule == "cosine":
-        return lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / plan.steps))
-    return lr
+        lr = lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / plan.steps))
+    return lr * min(1.0, step / plan.warmup) if plan.warmup else lr
 
 
 class WeightAverage:

@@ -924,6 +924,17 @@ def test_cosine_schedule_falls_from_lr_to_zero(steps, step, lr):
         assert numpy.isclose(roa.learning_rate(cosine, steps // 2 + 1), lr / 2)
 
 
+@given(st.integers(1, 10**5), st.integers(1, 10**5), st.floats(1e-6, 1.0), st.sampled_from(machinery.SCHEDULES))
+def test_a_warmup_raises_the_rate_linearly_to_the_schedules(warmup, step, lr, schedule):
+    """With a warm-up of W steps, step s takes min(1, s / W) times the
+    schedule's rate: lr / W at step 1, the schedule's own rate from step W on."""
+    steps = 10**5
+    plan, plain = roa.Plan(steps, 1, 0, 1, lr, schedule, warmup=warmup), roa.Plan(steps, 1, 0, 1, lr, schedule)
+    assert roa.learning_rate(plan, step) == roa.learning_rate(plain, step) * min(1.0, step / warmup)
+    assert numpy.isclose(roa.learning_rate(plan, 1), roa.learning_rate(plain, 1) / warmup)
+    assert roa.learning_rate(plan, warmup) == roa.learning_rate(plain, warmup)
+
+
 @given(st.lists(st.floats(1e-6, 1.0), min_size=2, max_size=4), st.integers(1, 1000),
        st.sampled_from(machinery.SCHEDULES))
 def test_a_curriculum_stage_trains_at_its_own_rate(rates, step, schedule):

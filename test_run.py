@@ -518,10 +518,10 @@ def test_a_run_stopped_at_any_step_and_resumed_ends_as_the_run_uninterrupted(sto
     """Stopped by SIGTERM after any step, then `--resume PATH` alone: the same
     final parameters and optimiser state, the same reports, and the same test
     line (the step chosen on validation -- here not the last report's --
-    and its test metric), bit for bit in float64; with dropout, reports every
-    2 steps and, drawn, a weight average."""
+    and its test metric), bit for bit in float64; with dropout, a warm-up of
+    9 steps, reports every 2 steps and, drawn, a weight average."""
     flags = TINY[:-2] + ["--steps", "24", "--dtype", "float64", "--dropout", "0.2", "--eval-every", "2",
-                         "--lr", "0.2"] + (["--average-from", "0.29"] if average else [])
+                         "--lr", "0.2", "--warmup", "9"] + (["--average-from", "0.29"] if average else [])
     with tempfile.TemporaryDirectory() as folder, pytest.MonkeyPatch.context() as monkeypatch:
         whole, stopped = (os.path.join(folder, name) for name in ("whole.npz", "stopped.npz"))
         capture = []
@@ -1644,3 +1644,15 @@ def test_an_address_space_limit_counts_as_memory_left(tmp_path):
         run = subprocess.run([sys.executable, os.path.join(ROOT, "roa.py"), *flags], capture_output=True, text=True,
                              preexec_fn=limit)
         assert run.returncode == 2 and run.stderr.count("\n") == 1 and named in run.stderr, run.stderr
+
+
+def test_a_warmup_flag_sets_the_rate_of_the_first_steps(monkeypatch):
+    """--warmup 4 --lr 0.01: steps 1-4 take 0.0025, 0.005, 0.0075, 0.01; later steps 0.01."""
+    taken, train_step = [], roa.train_step
+
+    def recording_step(model, task, optimizer, seed, step, batch):
+        taken.append(optimizer.lr)
+        return train_step(model, task, optimizer, seed, step, batch)
+    monkeypatch.setattr(roa, "train_step", recording_step)
+    assert machinery.main(TINY[:-2] + ["--steps", "6", "--lr", "0.01", "--warmup", "4", "--quiet"]) == 0
+    assert numpy.allclose(taken, [0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01], rtol=0, atol=1e-15)
