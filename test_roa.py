@@ -1048,3 +1048,31 @@ def test_train_step_returns_the_norm_of_the_gradient_that_reached_the_first_step
     _, dh0 = model.backward(task.loss(z, y)[1], cache)
     _, norm = roa.train_step(model, task, ag.SGD(0.1), 5, 1, 4)
     assert norm == numpy.linalg.norm(dh0) > 0
+
+
+@given(st.integers(0, 2**32 - 1), st.sampled_from([numpy.uint8, numpy.float64]))
+def test_pixel_statistics_are_the_mean_and_std_of_the_pixels_over_255(seed, dtype):
+    images = numpy.random.default_rng(seed).integers(0, 256, (7, 28, 28)).astype(dtype)
+    mean, std = tasks.pixel_statistics(images)
+    assert mean == pytest.approx((images / 255.0).mean(), rel=1e-12)
+    assert std == pytest.approx((images / 255.0).std(), rel=1e-12)
+
+
+def test_standardised_mnist_inputs_have_mean_0_and_std_1_on_the_training_images(tmp_path):
+    """--standardize: every input is (pixel / 255 - mean) / std, with the
+    mean and std of the training split's pixels (validation and test
+    included, by the same two numbers); without it, pixel / 255 exactly."""
+    write_fake_mnist(tmp_path, 40, 10)
+    plain = tasks.PsMNIST(str(tmp_path), validation_size=8)
+    for task_class in (tasks.PsMNIST, tasks.DeepMNIST):
+        task = task_class(str(tmp_path), validation_size=8, standardize=True)
+        train = task.inputs(task.train[0])
+        assert abs(train.mean()) < 1e-12 and train.std() == pytest.approx(1.0, rel=1e-12)
+        raw = numpy.concatenate([task.train[0], tasks.load_mnist(str(tmp_path))[0][32:]])
+        expected = (raw[32:] / 255.0 - task.pixel_mean) / task.pixel_std
+        got = task.validation[0][:, :, 0].T[:, numpy.argsort(task.permutation)] if task_class is tasks.PsMNIST \
+            else task.validation[0]
+        assert numpy.allclose(got, expected.reshape(8, -1), rtol=0, atol=1e-12)
+    assert (plain.pixel_mean, plain.pixel_std) == (0.0, 1.0)
+    assert numpy.array_equal(plain.test[0][:, :, 0].T, tasks.load_mnist(str(tmp_path))[2].reshape(10, -1)[
+        :, plain.permutation] / 255.0)

@@ -1656,3 +1656,17 @@ def test_a_warmup_flag_sets_the_rate_of_the_first_steps(monkeypatch):
     monkeypatch.setattr(roa, "train_step", recording_step)
     assert machinery.main(TINY[:-2] + ["--steps", "6", "--lr", "0.01", "--warmup", "4", "--quiet"]) == 0
     assert numpy.allclose(taken, [0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01], rtol=0, atol=1e-15)
+
+
+def test_standardize_is_an_mnist_flag_kept_by_the_checkpoint(tmp_path, capsys):
+    write_fake_mnist(tmp_path, 40, 10)
+    path = str(tmp_path / "run.npz")
+    flags = ["--task", "psmnist", "--hidden", "4", "--steps", "2", "--validation", "8", "--data-dir", str(tmp_path)]
+    assert machinery.main(flags + ["--standardize", "--save", path, "--quiet"]) == 0
+    config = machinery.load_checkpoint(path).config
+    assert config["standardize"] is True and 0 < config["pixel_mean"] < 1 and 0 < config["pixel_std"] < 1
+    other = str(tmp_path / "other.npz")
+    assert machinery.main(flags + ["--init", path, "--save", other, "--quiet"]) == 0      # carried over, unasked
+    assert machinery.load_checkpoint(other).config["standardize"] is True
+    code, err, _ = run_cli(TINY + ["--standardize"], capsys)
+    assert code == 2 and "--standardize is not used by the adding task" in err
