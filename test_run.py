@@ -1670,3 +1670,21 @@ def test_standardize_is_an_mnist_flag_kept_by_the_checkpoint(tmp_path, capsys):
     assert machinery.load_checkpoint(other).config["standardize"] is True
     code, err, _ = run_cli(TINY + ["--standardize"], capsys)
     assert code == 2 and "--standardize is not used by the adding task" in err
+
+
+def test_the_plateau_studys_table_reads_validation_reports_only(tmp_path, monkeypatch, capsys):
+    """docs/plateau_study.py counts, per lever, the seeds whose validation MSE
+    fell below 0.05 (escaped) and 0.01 (solved), from logs that end in the
+    run's test line, which it does not read."""
+    sys.path.insert(0, os.path.join(ROOT, "docs"))
+    import plateau_study
+    monkeypatch.setattr(plateau_study, "log_path", lambda lever, T, seed, ext="jsonl": str(tmp_path / f"{seed}.{ext}"))
+    monkeypatch.setattr(plateau_study, "STEPS", 300)
+    for seed in plateau_study.SEEDS:
+        mse = [0.17, 0.04 if seed < 3 else 0.16, 0.005 if seed < 2 else 0.15]
+        with open(plateau_study.log_path("base", 10, seed), "w") as f:
+            f.writelines(json.dumps({"step": 100 * (i + 1), "val_metric": m}) + "\n" for i, m in enumerate(mse))
+            f.write(json.dumps({"test_loss": 0.0, "test_metric": 0.0, "chosen_step": 300}) + "\n")
+    plateau_study.table(["base"], [10])
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row.endswith("| 10 | 3 / 5 | 200 | 2 / 5 | 300 | 0.0400 |"), row

@@ -80,11 +80,12 @@ def command(lever, T, seed):
 
 
 def reports(path):
-    """The validation reports of a log, [] if there is none."""
+    """The validation reports of a log, [] if there is none (the log's last
+    line, the test result, is not read: the study looks at validation only)."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [report for report in map(json.loads, filter(str.strip, f)) if "step" in report]
 
 
 def finished(path):
