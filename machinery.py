@@ -77,7 +77,7 @@ RULES.update({
 ARCHITECTURE_FLAGS = ("task", "hidden", "depth", "alpha", "beta", "activation", "dtype", "seed", "standardize")
 # what a checkpoint's run fixes: resuming it (--resume) with another value is a mistake
 TRAINING_FLAGS = ARCHITECTURE_FLAGS + ("length", "curriculum", "advance_at", "optimizer", "lr", "schedule", "warmup",
-                                       "weight_decay", "clip", "dropout",
+                                       "weight_decay", "clip", "dropout", "input_noise",
                                        "batch", "average_from", "eval_every", "validation")
 # what a checkpoint keeps besides: the run's length (a resume may extend it) and its outputs (a resume may change them)
 PLAN_FLAGS = ("steps", "epochs", "save", "save_every", "metrics")
@@ -161,6 +161,8 @@ def parse_args(argv):
                    "gradients down to this global norm where theirs is larger (default 0: no clipping)")
     p.add_argument("--dropout", type=flag_type("dropout"), help="in training, the probability of "
                    "zeroing each input of the readout (inverted dropout; default 0)")
+    p.add_argument("--input-noise", type=flag_type("input_noise"), metavar="SIGMA", help="in training, add "
+                   "Gaussian noise of standard deviation SIGMA to every input (default 0)")
     p.add_argument("--average-from", type=flag_type("average_from"), metavar="FRACTION", help="from this "
                    "fraction of the run's steps on (0.5: the second half), each validation report folds the "
                    "parameters into their running mean (stochastic weight averaging) and validates that mean, "
@@ -263,7 +265,7 @@ def fill_defaults(args, saved=None, fixed=TRAINING_FLAGS):
             if given is None:
                 setattr(args, name, saved.get(name))
     defaults = {"activation": "tanh", "schedule": "constant", "warmup": 0, "weight_decay": 0.0, "clip": 0.0,
-                "dropout": 0.0, "dtype": "float32", "standardize": False,
+                "dropout": 0.0, "input_noise": 0.0, "dtype": "float32", "standardize": False,
                 "average_from": 0, "seed": 0, "validation": 5000, **PRESETS[args.task]}
     if args.curriculum:                                 # the run is scored at its last length
         args.length = args.curriculum[-1]
@@ -347,7 +349,7 @@ def make_model(args, task):
     """The model of the flags `args` (a Namespace or a checkpoint's config) for
     `task` (a task, or its class)."""
     common = dict(alpha=args.alpha, beta=args.beta, activation=args.activation, dtype=args.dtype,
-                  seed=args.seed, device=args.device, dropout=args.dropout)
+                  seed=args.seed, device=args.device, dropout=args.dropout, input_noise=args.input_noise)
     if task.model == "fnn":
         return RoaFNN(task.n_in, task.n_out, width=args.hidden, depth=args.depth, **common)
     return RoaRNN(task.n_in, task.n_out, hidden=args.hidden, readout=task.readout, **common)
@@ -359,7 +361,7 @@ def load_model(path, device="cpu"):
     validation report's, where the checkpoint has them), ready to predict
     with model.inference(u). Returns (model, its configuration)."""
     checkpoint = load_checkpoint(path)
-    config = {"depth": None, "dropout": 0.0, **checkpoint.config, "device": device}
+    config = {"depth": None, "dropout": 0.0, "input_noise": 0.0, **checkpoint.config, "device": device}
     model = make_model(argparse.Namespace(**config), TASK_CLASSES[config["task"]])
     restore(model, path, checkpoint.best or checkpoint.params, checkpoint)
     return model, checkpoint.config
@@ -377,7 +379,8 @@ def describe(args, task, steps):
     regularisers = (f" warm-up {args.warmup}" if args.warmup else "") + \
         (f" weight decay {args.weight_decay}" if args.weight_decay else "") + \
         (f" clip {args.clip}" if args.clip else "") + \
-        (f" dropout {args.dropout}" if args.dropout else "")
+        (f" dropout {args.dropout}" if args.dropout else "") + \
+        (f" input noise {args.input_noise}" if args.input_noise else "")
     return (f"roa: {task.name} {shape} alpha={args.alpha} beta={args.beta} {args.activation} | "
             f"{args.optimizer} lr={rates_text(args.lr)} ({args.schedule}){regularisers} batch {args.batch} | "
             f"{steps} steps | {args.device} {args.dtype} | seed {args.seed}")

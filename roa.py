@@ -59,6 +59,7 @@ RULES = {
     "alpha": (lambda v: is_real(v) and v >= 0, "a finite number >= 0"),
     "beta": (lambda v: is_real(v) and v > 0, "a finite number > 0"),
     "dropout": (lambda v: is_real(v) and 0 <= v < 1, "a number >= 0 and < 1"),
+    "input_noise": (lambda v: is_real(v) and v >= 0, "a finite number >= 0"),
     "activation": one_of(sorted(ACTIVATIONS)), "dtype": one_of(DTYPES), "readout": one_of(READOUTS),
 }
 
@@ -77,13 +78,15 @@ def check(name, value, source=None):
 class Model:
     """What roaFNN and roaRNN share: checked hyperparameters, the array module,
     the fixed orthogonal filters O, the trained parameters and the readout
-    z = V x + c, with dropout on its input x in training."""
+    z = V x + c, with dropout on its input x in training, and Gaussian noise
+    on the model's inputs u in training, where asked for."""
 
-    def __init__(self, alpha, beta, activation_name, dtype, seed, device, dropout):
+    def __init__(self, alpha, beta, activation_name, dtype, seed, device, dropout, input_noise):
         for name, value in [("alpha", alpha), ("beta", beta), ("dropout", dropout), ("dtype", dtype),
-                            ("seed", seed), ("activation", activation_name)]:
+                            ("seed", seed), ("activation", activation_name), ("input_noise", input_noise)]:
             check(name, value)
         self.alpha, self.beta, self.dropout = float(alpha), float(beta), float(dropout)
+        self.input_noise = float(input_noise)
         self.act = activation(activation_name)
         self.xp = array_module(device)
         self.dtype = dtype
@@ -117,6 +120,13 @@ class Model:
             wanted = "(" + ", ".join("any" if n is None else str(n) for n in shape) + ")"
             raise RoaError(f"the inputs must be a {self.xp.__name__} {self.dtype} array of shape {wanted}, "
                            f"no size 0, got {got}")
+
+    def noisy(self, u, rng):
+        """u + input_noise * e, e i.i.d. N(0, 1) drawn from rng on the CPU, in a
+        training pass (rng given); u itself otherwise."""
+        if rng is None or self.input_noise == 0:
+            return u
+        return u + self.xp.asarray(self.input_noise * rng.standard_normal(u.shape), dtype=u.dtype)
 
     def readout_forward(self, x, rng):
         """z = V dropout(x) + c; dropout only in a training pass (rng given)."""
@@ -152,10 +162,10 @@ class RoaFNN(Model):
     first_state = "x_0"         # backward's second answer is dL/dx_0, the gradient that reached layer 1
 
     def __init__(self, n_in, n_out, width, depth, alpha, beta, activation="tanh",
-                 dtype="float32", seed=0, device="cpu", dropout=0.0):
+                 dtype="float32", seed=0, device="cpu", dropout=0.0, input_noise=0.0):
         for name, value in [("n_in", n_in), ("n_out", n_out), ("width", width), ("depth", depth)]:
             check(name, value)
-        super().__init__(alpha, beta, activation, dtype, seed, device, dropout)
+        super().__init__(alpha, beta, activation, dtype, seed, device, dropout, input_noise)
         N, L = width, depth
         self.params = self.to_device({"W_in": self.gaussian((N, n_in), n_in), "b_in": numpy.zeros(N),
                                       "W": self.gaussian((L, N, N), N), "b": numpy.zeros((L, N)),
@@ -170,10 +180,10 @@ class RoaFNN(Model):
 
     def forward(self, u, rng=None):
         """u: (B, n_in) -> scores z: (B, n_out), and the cache for backward.
-        rng: a training pass, drawing the dropout masks from it."""
+        rng: a training pass, drawing the input noise and dropout masks from it."""
         p = self.params
         self.check_input(u, (None, p["W_in"].shape[1]))
-        x, in_cache = linear_forward(u, p["W_in"], p["b_in"])
+        x, in_cache = linear_forward(self.noisy(u, rng), p["W_in"], p["b_in"])      # (the noisy u, for dW_in)
         x, roa_cache = roa_forward(x, p["W"], self.O, p["b"], self.alpha, self.beta, self.act)
         z, out_cache = self.readout_forward(x, rng)
         return z, (in_cache, roa_cache, out_cache)
@@ -213,10 +223,10 @@ class RoaRNN(Model):
     first_state = "h_0"         # backward's second answer is dL/dh_0, the gradient that reached step 1
 
     def __init__(self, n_in, n_out, hidden, alpha, beta, activation="tanh", readout="last",
-                 dtype="float32", seed=0, device="cpu", dropout=0.0):
+                 dtype="float32", seed=0, device="cpu", dropout=0.0, input_noise=0.0):
         for name, value in [("n_in", n_in), ("n_out", n_out), ("hidden", hidden), ("readout", readout)]:
             check(name, value)
-        super().__init__(alpha, beta, activation, dtype, seed, device, dropout)
+        super().__init__(alpha, beta, activation, dtype, seed, device, dropout, input_noise)
         N = hidden
         self.readout = readout
         W, U, V = self.gaussian((N, N), N), self.gaussian((N, n_in), n_in), self.gaussian((n_out, N), N)
@@ -234,10 +244,11 @@ class RoaRNN(Model):
 
     def forward(self, u, rng=None):
         """u: (T, B, n_in) -> z: (B, n_out) or (T, B, n_out), and the cache.
-        rng: a training pass, drawing the dropout masks from it."""
+        rng: a training pass, drawing the input noise and dropout masks from it."""
         p = self.params
         self.check_input(u, (None, None, p["U"].shape[1]))
         h0 = self.xp.zeros((u.shape[1], p["b"].shape[0]), dtype=u.dtype)
+        u = self.noisy(u, rng)
         hs, rnn_cache = rnn_forward(u, h0, p["W"], self.O, p["U"], p["b"], self.alpha, self.beta, self.act)
         z, out_cache = self.readout_forward(hs[-1] if self.readout == "last" else hs, rng)
         return z, (rnn_cache, out_cache)
@@ -316,7 +327,7 @@ def train_step(model, task, optimizer, seed, step, batch):
     towards 0. A loss that is not finite (before the update), or parameters
     or optimiser state that are not finite after it, raise NotFinite."""
     u, y = on_device(model.xp, *task.train_batch(seed, step - 1, batch), model.dtype)
-    z, cache = model.forward(u, random_stream(seed, "dropout", step - 1))      # this step's dropout masks
+    z, cache = model.forward(u, random_stream(seed, "dropout", step - 1))      # this step's noise and masks
     loss, dz = task.loss(z, y)
     if not math.isfinite(loss):
         raise NotFinite(step, u, loss, None)

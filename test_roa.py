@@ -1076,3 +1076,22 @@ def test_standardised_mnist_inputs_have_mean_0_and_std_1_on_the_training_images(
     assert (plain.pixel_mean, plain.pixel_std) == (0.0, 1.0)
     assert numpy.array_equal(plain.test[0][:, :, 0].T, tasks.load_mnist(str(tmp_path))[2].reshape(10, -1)[
         :, plain.permutation] / 255.0)
+
+
+@given(st.sampled_from(["rnn", "fnn"]), st.floats(0.01, 2.0), seeds)
+def test_input_noise_adds_gaussian_noise_from_the_training_pass_rng(kind, sigma, seed):
+    """With input_noise sigma, a training pass (an rng given) sees u + sigma e,
+    e the rng's first standard normals of u's shape, and its gradients are
+    those at u + sigma e; evaluation (no rng) sees u itself."""
+    make = (lambda noise: roa.RoaRNN(2, 3, 4, 1.0, 0.5, dtype="float64", seed=seed, input_noise=noise)) \
+        if kind == "rnn" else (lambda noise: roa.RoaFNN(2, 3, 4, 3, 1.0, 0.5, dtype="float64", seed=seed,
+                                                        input_noise=noise))
+    noisy, plain = make(sigma), make(0.0)
+    u = numpy.random.default_rng(seed).standard_normal((5, 6, 2) if kind == "rnn" else (6, 2))
+    e = numpy.random.default_rng(seed + 1).standard_normal(u.shape)
+    z, cache = noisy.forward(u, numpy.random.default_rng(seed + 1))
+    z_ref, cache_ref = plain.forward(u + sigma * e)
+    assert numpy.array_equal(z, z_ref) and numpy.array_equal(noisy.forward(u)[0], plain.forward(u)[0])
+    dz = numpy.ones_like(z)
+    grads, grads_ref = noisy.backward(dz, cache)[0], plain.backward(dz, cache_ref)[0]
+    assert all(numpy.array_equal(grads[name], grads_ref[name]) for name in grads)
