@@ -1515,8 +1515,10 @@ def test_huge_inputs_are_named_as_the_data_and_a_run_that_saved_nothing_says_so(
 
 @pytest.mark.parametrize("script, argv, named", [
     ("figures.py", ["--curves", "{log}"], "line 1 of"),
-    ("plateau_study.py", ["--jobs", "0"], "--jobs: '0' is not allowed"),
-    ("plateau_study.py", ["--state-norm", "--lengths", "0"], "--lengths: '0' is not allowed"),
+    ("study.py", ["adding", "--jobs", "0"], "--jobs: '0' is not allowed"),
+    ("study.py", ["adding", "--state-norm", "--lengths", "0"], "--lengths: '0' is not allowed"),
+    ("study.py", ["psmnist", "--only", "relu"], "--only 'relu' is not a lever of the psmnist study"),
+    ("study.py", ["psmnist", "--lengths", "100"], "the psmnist study has no --lengths or --steps"),
     ("mutants.py", ["nonexistent.py"], "no such file in the repository: nonexistent.py"),
 ])
 def test_the_docs_scripts_answer_bad_arguments_in_one_line(script, argv, named, tmp_path):
@@ -1672,19 +1674,46 @@ def test_standardize_is_an_mnist_flag_kept_by_the_checkpoint(tmp_path, capsys):
     assert code == 2 and "--standardize is not used by the adding task" in err
 
 
-def test_the_plateau_studys_table_reads_validation_reports_only(tmp_path, monkeypatch, capsys):
-    """docs/plateau_study.py counts, per lever, the seeds whose validation MSE
-    fell below 0.05 (escaped) and 0.01 (solved), from logs that end in the
-    run's test line, which it does not read."""
+def write_log(path, metrics, elapsed=60.0, every=100):
+    """A study run's metrics log: one validation report per metric, then the test line."""
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"step": every * (i + 1), "val_metric": m, "elapsed_s": elapsed}) + "\n"
+                     for i, m in enumerate(metrics))
+        f.write(json.dumps({"test_loss": 0.0, "test_metric": 0.0, "chosen_step": every * len(metrics)}) + "\n")
+
+
+def test_the_adding_studys_table_reads_validation_reports_only(tmp_path, monkeypatch, capsys):
+    """docs/study.py counts, per lever, the seeds whose validation MSE fell
+    below 0.05 (escaped) and 0.01 (solved), from logs that end in the run's
+    test line, which it does not read; a log without its test line is not
+    counted (the run was cut short)."""
     sys.path.insert(0, os.path.join(ROOT, "docs"))
-    import plateau_study
-    monkeypatch.setattr(plateau_study, "log_path", lambda lever, T, seed, ext="jsonl": str(tmp_path / f"{seed}.{ext}"))
-    monkeypatch.setattr(plateau_study, "STEPS", 300)
-    for seed in plateau_study.SEEDS:
-        mse = [0.17, 0.04 if seed < 3 else 0.16, 0.005 if seed < 2 else 0.15]
-        with open(plateau_study.log_path("base", 10, seed), "w") as f:
-            f.writelines(json.dumps({"step": 100 * (i + 1), "val_metric": m}) + "\n" for i, m in enumerate(mse))
-            f.write(json.dumps({"test_loss": 0.0, "test_metric": 0.0, "chosen_step": 300}) + "\n")
-    plateau_study.table(["base"], [10])
+    import study
+    monkeypatch.setattr(study, "log_path", lambda task, lever, T, seed, ext="jsonl": str(tmp_path / f"{seed}.{ext}"))
+    for seed in range(5):
+        write_log(study.log_path("adding", "base", 10, seed),
+                  [0.17, 0.04 if seed < 3 else 0.16, 0.005 if seed < 2 else 0.15], elapsed=60.0 * (seed + 1))
+    with open(study.log_path("adding", "base", 10, 4), "a") as f:
+        f.write(json.dumps({"step": 400, "val_metric": 0.001, "elapsed_s": 1.0}) + "\n")    # resumed, cut short
+    study.table("adding", ["base"], [10], 300)
     row = capsys.readouterr().out.splitlines()[-1]
-    assert row.endswith("| 10 | 3 / 5 | 200 | 2 / 5 | 300 | 0.0400 |"), row
+    assert row.endswith("| 10 | 4 | 3 / 4 | 200 | 2 / 4 | 300 | 0.0225 (0.0050-0.1500) | 0.0775 (0.0050-0.1500) "
+                        "| 0:02:30 |"), row
+
+
+def test_the_copy_study_counts_falls_from_the_best_report_before_them(tmp_path, monkeypatch, capsys):
+    """A fall starts at a report 20 points or more below the best before it
+    and counts once, until a new best; psMNIST's table has no marks and no length."""
+    sys.path.insert(0, os.path.join(ROOT, "docs"))
+    import study
+    monkeypatch.setattr(study, "log_path", lambda task, lever, T, seed, ext="jsonl": str(tmp_path / f"{task}{seed}.{ext}"))
+    for seed in range(5):
+        write_log(study.log_path("copy", "base", 10, seed), [0.64, 0.26, 0.30, 0.78, 0.59, 0.02, 0.995][:7 - seed])
+    study.table("copy", ["base"], [10], None)
+    row = capsys.readouterr().out.splitlines()[-1]      # falls: seeds 0 and 1: 2 each, seeds 2-4: 1 each
+    assert "| 10 | 5 | 1 / 5 | 700 | 7 | 0.7800 (0.6400-0.9950) | 0.5900 (0.0200-0.9950) |" in row, row
+    for seed in range(2):
+        write_log(study.log_path("psmnist", "base", None, seed), [0.95, 0.97 + seed / 100])
+    study.table("psmnist", ["base"], [None], None)
+    assert capsys.readouterr().out.splitlines()[-1].endswith("| - | 2 | 0.9750 (0.9700-0.9800) | "
+                                                             "0.9750 (0.9700-0.9800) | 0:01:00 |")
