@@ -40,7 +40,7 @@ from threadpoolctl import threadpool_limits
 
 from autograd import ACTIVATIONS, SGD, Adam, RoaError, array_module, free_memory, to_numpy
 from roa import (DTYPES, EVAL_BYTES, RULES, SIZE, Hooks, NotFinite, Plan, Progress, RoaFNN, RoaRNN, WeightAverage,
-                 all_finite, check, is_integer, is_real, learning_rate, one_of, stage_label, train)
+                 all_finite, check, inference_bytes, is_integer, is_real, learning_rate, one_of, stage_label, train)
 from tasks import HELD_OUT, MNIST, PRESETS, Adding, Copy, Curriculum, DeepMNIST, PsMNIST, Synthetic
 
 
@@ -144,7 +144,7 @@ def parse_args(argv):
                    "accuracy at or above it; default: when the length is solved)")
     p.add_argument("--hidden", type=flag_type("hidden"), help="hidden size N (the width, for deepmlp)")
     p.add_argument("--depth", type=flag_type("depth"), help="number of roa layers L (deepmlp)")
-    p.add_argument("--alpha", type=flag_type("alpha"), help="weight of the orthogonal filter, >= 0")
+    p.add_argument("--alpha", type=flag_type("alpha"), help="weight of the orthogonal filter, 0 .. 10")
     p.add_argument("--beta", type=flag_type("beta"), help="weight of the nonlinearity, > 0")
     p.add_argument("--activation", choices=sorted(ACTIVATIONS),
                    help="phi (default tanh, unless the task defaults below say otherwise)")
@@ -425,8 +425,7 @@ def run(args, log=None):
             "sums may round differently, so the run will not end bit for bit as it would have (--threads)")
     model = make_model(args, task)
     filters = filter_fingerprint(model.O)
-    plan = Plan(steps, args.batch, args.seed, args.eval_every, args.lr, args.schedule, args.save_every or 0,
-                args.advance_at, args.warmup)
+    plan = Plan(steps, args.batch, args.seed, args.eval_every, args.lr, args.schedule, args.advance_at, args.warmup)
     lr = learning_rate(plan, 1)                         # (train sets each step's rate)
     optimizer = Adam(lr, args.weight_decay, args.clip) if args.optimizer == "adam" else SGD(lr, args.clip)
     average_start = max(1, math.ceil(args.average_from * steps))        # the fraction's first step
@@ -467,7 +466,7 @@ def run(args, log=None):
     log(describe(args, task, steps) + f" | {threads} BLAS thread{'s' * (threads > 1)}")
     with exclusive(args.save), metrics_log(args.metrics, progress.step if args.resume else None) as record, \
             StopSignals() as stop:
-        hooks = RunHooks(task, plan, progress, log, args.save and save, record, stop)
+        hooks = RunHooks(task, plan, progress, log, args.save and save, args.save_every, record, stop)
         try:
             test_loss, test_metric, best_step = train(model, task, optimizer, plan, progress, hooks)
         except NotFinite as err:
@@ -519,12 +518,13 @@ STOP_SIGNALS = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM", signal.SIGHU
 class RunHooks(Hooks):
     """train's hooks for a run of the command line: each report's line with
     the run's pace, a line every HEARTBEAT_SECONDS when reports are further
-    apart, the metrics log (`record`), checkpoints (`save`) on schedule, at
-    the end and when a stop signal came (`stop`, a StopSignals)."""
+    apart, the metrics log (`record`), checkpoints (`save`) every
+    `save_every` steps (None: none on the way), at the end and when a stop
+    signal came (`stop`, a StopSignals)."""
 
-    def __init__(self, task, plan, progress, log, save, record, stop):
+    def __init__(self, task, plan, progress, log, save, save_every, record, stop):
         self.task, self.plan, self.progress = task, plan, progress
-        self.log, self.save, self.record, self.stop = log, save, record, stop
+        self.log, self.save, self.save_every, self.record, self.stop = log, save, save_every, record, stop
         self.first = progress.step                      # the step this run (re)started after
         self.start = self.last_line = time.time()
         self.stage_began = (self.start, progress.step)  # when, and after which step, it began its current length
@@ -570,7 +570,7 @@ class RunHooks(Hooks):
                      f"{stage_label(self.task, progress.stage)}loss {progress.losses[-1]:.4f}  {self.pace(step)[1]}")
             self.last_line = time.time()
         if self.save and (step == self.plan.steps or self.stop.signum
-                          or (self.plan.save_every and step % self.plan.save_every == 0)):
+                          or (self.save_every and step % self.save_every == 0)):
             self.save(progress)
         if self.stop.signum:
             raise Stopped(self.stop.signum, step)
@@ -1141,13 +1141,11 @@ def memory_needed(args, task):
     if task.model == "fnn":
         weights = args.depth * N * N + N * (n_in + task.n_out)
         kept = kept_bytes(args.depth, args.batch, N, args.dtype) + args.depth * args.batch * N * item
-        per_example = (n_in + 5 * N + task.n_out) * item
         construction = args.depth * N * N * (8 + 2 * item)    # W's float64 draft, then O's, beside their copies
     else:
         T = shape[0]
         weights = N * (N + n_in + task.n_out)
         kept = kept_bytes(T, args.batch, N, args.dtype) + 2 * T * args.batch * N * item
-        per_example = T * (n_in + 2 * N + task.n_out) * item
         construction = 4 * N * N * 8
     if isinstance(task.stages[-1], Synthetic):          # drawn when first used, in float64 (each stage's)
         held_out = sum(2 * HELD_OUT * math.prod(stage.input_shape(1)) * 8 for stage in task.stages)
@@ -1155,7 +1153,8 @@ def memory_needed(args, task):
     else:                                               # loaded already
         held_out = sum(a.nbytes for a in (*task.train, *task.validation, *task.test))
         examples = max(len(task.validation[1]), len(task.test[1]))
-    evaluation = min(EVAL_BYTES, examples * per_example) * 2
+    evaluation = min(EVAL_BYTES, inference_bytes(task.input_shape(examples), N, task.n_out, task.readout,
+                                                 args.dtype))
     copies = 5 + (2 if args.optimizer == "adam" else 0) + (1 if args.average_from else 0)
     need = held_out + copies * weights * item + max(construction, kept, evaluation)
     return need, (f"{kept / 1e9:.1f} GB of activations kept for backprop for a batch of inputs {shape}, "

@@ -56,7 +56,8 @@ def one_of(choices):
 RULES = {
     "n_in": SIZE, "n_out": SIZE, "width": SIZE, "hidden": SIZE, "depth": SIZE,
     "seed": (lambda v: is_integer(v) and v >= 0, "an integer >= 0"),
-    "alpha": (lambda v: is_real(v) and v >= 0, "a finite number >= 0"),
+    "alpha": (lambda v: is_real(v) and 0 <= v <= 10, "a number in 0 .. 10 (above 1 the state grows "
+              "like alpha^T)"),
     "beta": (lambda v: is_real(v) and v > 0, "a finite number > 0"),
     "dropout": (lambda v: is_real(v) and 0 <= v < 1, "a number >= 0 and < 1"),
     "input_noise": (lambda v: is_real(v) and v >= 0, "a finite number >= 0"),
@@ -74,6 +75,20 @@ def check(name, value, source=None):
 
 
 # ------------------------------------------------------------ the models
+
+def inference_bytes(u_shape, width, n_out, readout, dtype):
+    """Bytes that a model's inference takes for inputs of shape u_shape:
+    (B, n_in) for the roaFNN, (T, B, n_in) for the roaRNN. Per example: the
+    inputs; the roaRNN's input terms U u_t + b of all T steps, made (as
+    every product plus bias is) as two arrays, then one, beside which the
+    readout "every" keeps every state; a few (B, N) arrays of one layer or
+    step; the scores (one set, or T with the readout "every"), twice."""
+    *steps, B, n_in = u_shape
+    T = steps[0] if steps else 1
+    input_terms = 2 * T * width if steps else 0
+    outputs = T * n_out if readout == "every" else n_out
+    return B * (T * n_in + input_terms + 6 * width + 2 * outputs) * numpy.dtype(dtype).itemsize
+
 
 class Model:
     """What roaFNN and roaRNN share: checked hyperparameters, the array module,
@@ -173,10 +188,8 @@ class RoaFNN(Model):
         self.O = self.xp.asarray(random_orthogonal(self.rng, N, L), dtype=self.dtype)   # fixed: never trained
 
     def inference_bytes(self, u_shape):
-        """Bytes that inference takes for inputs of shape u_shape = (B, n_in):
-        the inputs, a few (B, N) arrays of one layer, the scores."""
-        (B, n_in), N, n_out = u_shape, self.params["b"].shape[1], self.params["c"].shape[0]
-        return B * (n_in + 5 * N + n_out) * numpy.dtype(self.dtype).itemsize
+        """Bytes that inference takes for inputs of shape u_shape = (B, n_in)."""
+        return inference_bytes(u_shape, self.params["b"].shape[1], self.params["c"].shape[0], "last", self.dtype)
 
     def forward(self, u, rng=None):
         """u: (B, n_in) -> scores z: (B, n_out), and the cache for backward.
@@ -234,13 +247,9 @@ class RoaRNN(Model):
         self.O = self.xp.asarray(random_orthogonal(self.rng, N, 1)[0], dtype=self.dtype)  # fixed: never trained
 
     def inference_bytes(self, u_shape):
-        """Bytes that inference takes for inputs of shape u_shape = (T, B, n_in):
-        the inputs, the input terms U u_t + b of every step, every state with
-        the readout "every" (else a few), the scores."""
-        (T, B, n_in), N, n_out = u_shape, self.params["b"].shape[0], self.params["c"].shape[0]
-        states = T * N if self.readout == "every" else 5 * N
-        outputs = T * n_out if self.readout == "every" else n_out
-        return B * (T * n_in + T * N + states + outputs) * numpy.dtype(self.dtype).itemsize
+        """Bytes that inference takes for inputs of shape u_shape = (T, B, n_in)."""
+        return inference_bytes(u_shape, self.params["b"].shape[0], self.params["c"].shape[0], self.readout,
+                               self.dtype)
 
     def forward(self, u, rng=None):
         """u: (T, B, n_in) -> z: (B, n_out) or (T, B, n_out), and the cache.
@@ -341,15 +350,14 @@ def train_step(model, task, optimizer, seed, step, batch):
 
 class Plan(NamedTuple):
     """How long and how to train: steps first+1 .. steps at learning rate lr
-    (a list: one per curriculum stage) under `schedule`, and what to report
-    and save when."""
+    (a list: one per curriculum stage) under `schedule`, validated every
+    eval_every steps."""
     steps: int
     batch: int
     seed: int
     eval_every: int
     lr: float                   # or a list of floats, one per curriculum stage
     schedule: str = "constant"  # or "cosine": see learning_rate
-    save_every: int = 0         # 0: save only at the end (and when stopped)
     advance_at: float = None    # a curriculum's stage ends at this validation metric (None: when solved)
     warmup: int = 0             # steps over which the rate rises linearly from lr / warmup to lr
 
@@ -443,8 +451,9 @@ def stage_label(task, stage):
 
 def report_line(report, model, task, plan):
     """A validation report as the progress line that a run prints."""
-    stage = task.stages[report.get("stage", 1) - 1]
-    where = stage_label(task, report.get("stage", 1) - 1)
+    index = report.get("stage", 1) - 1              # (one length: no stage in the report)
+    stage = task.stages[index]
+    where = stage_label(task, index)
     n = report["averaged"]
     mean_of = f" (the weights' mean over {n} report{'s' * (n > 1)})" if n else ""
     return (f"step {report['step']:>{len(str(plan.steps))}}/{plan.steps}  {where}loss {report['loss']:.4f}  "

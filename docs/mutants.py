@@ -1,20 +1,25 @@
 """docs/mutants.py -- would the tests notice a wrong token?
 
-    python docs/mutants.py                           # 30 sampled mutants in each of the four modules
+    python docs/mutants.py                           # 100 sampled mutants in each of the four modules
     python docs/mutants.py machinery.py --sample 60 --seed 1
-    python docs/mutants.py tasks.py --sample 0       # every mutant of the file (slow: minutes each)
+    python docs/mutants.py tasks.py --sample 0       # every mutant of the file
 
 A mutant is the code with one token changed, the way a slip of the
 keyboard changes it: an operator into its neighbour (+ and -, * and /, <
 and <=, == and !=, ...), a number into the next one (an integer n into
 n + 1, a float x into 2 x), True and False, `and` and `or`, min and max.
-Docstrings and comments are left alone. Each mutant runs the README's test
-command (`python -m pytest -x -q test_roa.py test_run.py`, stopping at the
-first failure) on a copy of the repository; it is *killed* when a test
-fails, *timed out* when the suite runs past --timeout (counted apart: a cut
-run proves nothing), and it *survives* when the suite passes. The
-unchanged copy runs the suite first: if that fails or times out, no score
-would mean anything, and the script stops in one line. A survivor is either a gap in the tests or an equivalent mutant
+Docstrings and comments are left alone.
+
+The unchanged copy of the repository runs the README's test command
+(`python -m pytest -q test_roa.py test_run.py`) first, under coverage.py
+with one context per test: if it fails or times out, no score would mean
+anything, and the script stops in one line; if it passes, it tells which
+tests execute each line. Each mutant then runs, stopping at the first
+failure, the tests that execute its line (the whole suite where no test
+does in-process: a line run at import, or only in a subprocess); it is
+*killed* when a test fails, *timed out* when the run passes --timeout
+(counted apart: a cut run proves nothing), and it *survives* when they
+pass. A survivor is either a gap in the tests or an equivalent mutant
 (a change that computes the same thing, such as `<` into `<=` where the
 two values are never equal): the list printed at the end is for a person
 to read and tell them apart.
@@ -86,11 +91,15 @@ def compiles(text):
         return False
 
 
-def run_tests(work, timeout):
-    """The README's test command in the folder `work`: "passed", "failed"
-    (with the first failing test's name) or "timed out"."""
+def run_tests(work, timeout, tests=TESTS, coverage=False):
+    """The tests (files, or test ids such as test_run.py::test_x) in the folder
+    `work`, stopping at the first failure -- or, with coverage, all of them
+    under coverage.py with one context per test: "passed", "failed" (with the
+    first failing test's name) or "timed out"."""
+    command = ["-m", "coverage", "run", "--rcfile", os.path.join(work, ".mutants-coveragerc"), "-m", "pytest"] \
+        if coverage else ["-m", "pytest", "-x"]
     try:
-        run = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *TESTS],
+        run = subprocess.run([sys.executable, *command, "-q", "-p", "no:cacheprovider", *tests],
                              cwd=work, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return "timed out"
@@ -98,11 +107,23 @@ def run_tests(work, timeout):
     return "passed" if run.returncode == 0 else "failed" + (f" ({failed[0]})" if failed else "")
 
 
+def tests_by_line(work, module):
+    """{line: the ids of the tests that execute it} of a module, from the
+    unchanged run's coverage data (a context "test_run.test_x" is the test
+    test_run.py::test_x, with all its parameters)."""
+    import coverage
+    data = coverage.CoverageData(os.path.join(work, ".mutants-coverage"))
+    data.read()
+    contexts = data.contexts_by_lineno(os.path.join(work, module))
+    return {line: sorted({"{}.py::{}".format(*name.split(".", 1)) for name in names if "." in name})
+            for line, names in contexts.items()}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("modules", nargs="*", default=MODULES, help=f"files to mutate (default: {' '.join(MODULES)})")
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n")   # one line
-    p.add_argument("--sample", type=int, default=30, help="mutants per file, drawn at random; 0: all")
+    p.add_argument("--sample", type=int, default=100, help="mutants per file, drawn at random; 0: all")
     p.add_argument("--seed", type=int, default=0, help="the draw of the sample")
     p.add_argument("--timeout", type=float, default=600, help="seconds for one run of the tests")
     args = p.parse_args()
@@ -122,9 +143,11 @@ def main():
     if os.path.isdir(os.path.join(ROOT, "data")):             # MNIST, where it was fetched: no download per run
         os.symlink(os.path.join(ROOT, "data"), os.path.join(work, "data"))
 
+    with open(os.path.join(work, ".mutants-coveragerc"), "w") as f:
+        f.write(f"[run]\ndynamic_context = test_function\ndata_file = {os.path.join(work, '.mutants-coverage')}\n")
     totals = []
     try:
-        unchanged = run_tests(work, args.timeout)
+        unchanged = run_tests(work, args.timeout, coverage=True)
         if unchanged != "passed":
             print(f"mutants.py: the unchanged tests {unchanged}"
                   + (f" (--timeout {args.timeout:g} s)" if unchanged == "timed out" else "")
@@ -137,12 +160,12 @@ def main():
             candidates = [m for m in mutants(path) if compiles(apply(source_lines, m))]
             chosen = candidates if args.sample == 0 else random.Random(args.seed).sample(
                 candidates, min(args.sample, len(candidates)))
-            outcomes, survivors = [], []
+            outcomes, survivors, covering = [], [], tests_by_line(work, module)
             for mutant in sorted(chosen):
                 with open(path, "w") as f:
                     f.write(apply(source_lines, mutant))
                 outcome = {"failed": "killed", "passed": "SURVIVED", "timed out": "timed out"}[
-                    run_tests(work, args.timeout).split(" (")[0]]
+                    run_tests(work, args.timeout, covering.get(mutant[0]) or TESTS).split(" (")[0]]
                 line, col, old, new = mutant
                 print(f"{module}:{line}:{col}: {old} -> {new}: {outcome}", flush=True)
                 outcomes.append(outcome)
