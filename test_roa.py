@@ -7,7 +7,9 @@ Each test states the property of MATH.md it checks.
 import itertools
 import math
 import os
+import re
 import tempfile
+import types
 
 import numpy
 import pytest
@@ -665,6 +667,38 @@ def test_asking_for_a_missing_gpu_is_a_clear_error():
         roa.RoaFNN(3, 2, 4, 2, 1.0, 0.1, device="gpu")
 
 
+@pytest.mark.parametrize("devices, answer", [(0, "CuPy finds no GPU; use device 'cpu'"), (1, None), (2, None),
+                                             (None, "CuPy finds no usable GPU (no driver)")])
+def test_the_array_module_switch_answers_for_the_gpus_cupy_finds(devices, answer, monkeypatch):
+    """array_module("gpu") returns CuPy when it finds one GPU or more, and says
+    in one RoaError why not otherwise (a stand-in for CuPy: no GPU needed)."""
+    class CUDARuntimeError(Exception):
+        pass
+
+    def count():
+        if devices is None:
+            raise CUDARuntimeError("no driver")
+        return devices
+
+    runtime = types.SimpleNamespace(getDeviceCount=count, CUDARuntimeError=CUDARuntimeError)
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime))
+    monkeypatch.setattr(ag, "cupy", fake)
+    if answer is None:
+        assert ag.array_module("gpu") is fake and ag.array_module("cpu") is numpy
+    else:
+        with pytest.raises(ag.RoaError, match=re.escape(answer)):
+            ag.array_module("gpu")
+
+
+def test_the_models_default_seed_is_0():
+    """A model made without a seed draws the weights and filters of seed 0."""
+    for make in (lambda **seed: roa.RoaFNN(3, 2, 4, 2, 1.0, 0.1, **seed),
+                 lambda **seed: roa.RoaRNN(3, 2, 4, 1.0, 0.1, **seed)):
+        default, zero, one = make(), make(seed=0), make(seed=1)
+        assert all(numpy.array_equal(default.params[k], zero.params[k]) for k in zero.params)
+        assert numpy.array_equal(default.O, zero.O) and not numpy.array_equal(default.O, one.O)
+
+
 # ------------------------------------------------------------ 7. CuPy
 
 @needs_gpu
@@ -943,6 +977,37 @@ def test_a_curriculum_stage_trains_at_its_own_rate(rates, step, schedule):
     plan, one = roa.Plan(1000, 1, 0, 1, rates, schedule), roa.Plan(1000, 1, 0, 1, 1.0, schedule)
     for stage, rate in enumerate(rates):
         assert roa.learning_rate(plan, step, stage) == rate * roa.learning_rate(one, step)
+
+
+def test_the_first_stage_is_the_learning_rates_default():
+    """learning_rate(plan, step) without a stage is stage 0's rate (the rate
+    a run's optimiser is made with)."""
+    plan = roa.Plan(100, 1, 0, 1, [0.3, 0.2, 0.1])
+    assert roa.learning_rate(plan, 5) == 0.3 and roa.learning_rate(plan, 5, 2) == 0.1
+
+
+def rewrite_idx(folder, name, array):
+    (folder / name).write_bytes(idx_bytes(array))
+
+
+def test_mnist_files_of_other_shapes_and_labels_are_refused_in_one_line(tmp_path):
+    """Images must be (n, 28, 28) with n labels, each an integer 0-9; the
+    line names the first bad label and counts the others; validation takes
+    1 .. n - 1 images, 5,000 unless told."""
+    write_fake_mnist(tmp_path, 5001, 3)
+    task = tasks.PsMNIST(str(tmp_path))
+    assert len(task.validation[1]) == 5000       # and the pixel order is numpy.random.default_rng(0)'s:
+    assert numpy.array_equal(task.permutation, numpy.random.default_rng(0).permutation(784))
+    with pytest.raises(ag.RoaError, match=re.escape("validation size must be in 1 .. 5000, got 5001")):
+        tasks.PsMNIST(str(tmp_path), validation_size=5001)
+    write_fake_mnist(tmp_path, 20, 3)
+    rewrite_idx(tmp_path, "t10k-images-idx3-ubyte", numpy.zeros((3, 28, 27), numpy.uint8))
+    with pytest.raises(ag.RoaError, match=re.escape("t10k files hold images (3, 28, 27) and labels (3,)")):
+        tasks.PsMNIST(str(tmp_path), validation_size=5)
+    write_fake_mnist(tmp_path, 20, 3)
+    rewrite_idx(tmp_path, "train-labels-idx1-ubyte", numpy.array([3] * 17 + [10, 11, 1], numpy.uint8))
+    with pytest.raises(ag.RoaError, match=re.escape("labels must be integers 0-9, got 10 and 1 more")):
+        tasks.PsMNIST(str(tmp_path), validation_size=5)
 
 
 def test_fetch_mnist_writes_the_checked_files_and_refuses_a_wrong_sha256(tmp_path, monkeypatch):

@@ -1762,8 +1762,9 @@ def test_the_copy_study_counts_falls_from_the_best_report_before_them(tmp_path, 
     for seed in range(2):
         write_log(study.log_path("psmnist", "base", None, seed), [0.95, 0.97 + seed / 100])
     study.table("psmnist", ["base"], [None], None)
-    assert capsys.readouterr().out.splitlines()[-1].endswith("| - | 2 | 0.9750 (0.9700-0.9800) | "
-                                                             "0.9750 (0.9700-0.9800) | 0:01:00 |")
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "| lever | runs | best val | last val | median wall time |" and out[1].count("---") == 5
+    assert out[-1].endswith("average 0.5 | 2 | 0.9750 (0.9700-0.9800) | 0.9750 (0.9700-0.9800) | 0:01:00 |")
 
 
 def test_a_report_line_names_its_stage_and_that_stages_baseline():
@@ -1799,3 +1800,18 @@ def test_training_step_s_draws_its_batch_and_its_noise_from_the_streams_of_index
     roa.train_step(model, task, ag.Adam(1e-3), seed, 3, 2)
     assert numpy.array_equal(seen["draws"], tasks.random_stream(seed, "dropout", 2).random(4))
     assert numpy.array_equal(seen["u"], task.train_batch(seed, 2, 2)[0])
+
+
+@pytest.mark.parametrize("largest, decay, lr, cause", [
+    (1.5e6, 0.1, 2e-3, "the parameters have grown to 1.5e+06 at learning rate 0.002: lower --lr"),
+    (0.9e6, 0.1, 2e-3, "lower --beta or --lr, or use --dtype float64"),
+    (0.9e6, 500.0, 2e-3, "--weight-decay 500 at learning rate 0.002 flips the parameters' sign every step"),
+    (0.9e6, 499.0, 2e-3, "lower --beta or --lr, or use --dtype float64"),
+])
+def test_an_infinite_loss_is_explained_by_the_branch_its_numbers_reach(largest, decay, lr, cause):
+    """non_finite_cause at each branch's threshold: parameters above 1e6 have
+    grown; weight decay is blamed only where lr times it reaches 1."""
+    model = roa.RoaRNN(2, 1, 4, 1.0, 0.1, dtype="float64")
+    model.params["W"][0, 0] = largest
+    u = numpy.ones((3, 2, 2))
+    assert cause in machinery.non_finite_cause(model, u, float("inf"), None, ag.Adam(lr, weight_decay=decay))

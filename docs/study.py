@@ -200,8 +200,9 @@ def table(task, levers, lengths, steps):
     digits = 4
     marks = "".join(f" {word} | median step {word} |" for word, _ in study.marks)
     falls = " falls |" if study.fall else ""
-    print(f"| lever | T | runs |{marks}{falls} best val | last val | median wall time |")
-    print("| --- " * (6 + 2 * len(study.marks) + bool(study.fall)) + "|")
+    length = " T |" if study.steps else ""              # (psMNIST has one length)
+    print(f"| lever |{length} runs |{marks}{falls} best val | last val | median wall time |")
+    print("| --- " * (5 + bool(length) + 2 * len(study.marks) + bool(study.fall)) + "|")
     for lever in levers:
         for T in lengths:
             runs, firsts, fallen, bests, lasts, walls = 0, [[] for _ in study.marks], 0, [], [], []
@@ -233,7 +234,7 @@ def table(task, levers, lengths, steps):
                             for first in firsts)
             cells += f" {fallen} |" if study.fall else ""
             never = f" ({runs - len(bests)} never reached T)" if len(bests) < runs else ""
-            print(f"| {lever}: {study.levers[lever][0]} | {'-' if T is None else T} | {runs} |{cells} "
+            print(f"| {lever}: {study.levers[lever][0]} |{f' {T} |' if length else ''} {runs} |{cells} "
                   f"{spread(bests, digits)}{never} | {spread(lasts, digits)} | {clock(statistics.median(walls))} |")
 
 
