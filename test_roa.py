@@ -690,13 +690,17 @@ def test_the_array_module_switch_answers_for_the_gpus_cupy_finds(devices, answer
             ag.array_module("gpu")
 
 
-def test_the_models_default_seed_is_0():
-    """A model made without a seed draws the weights and filters of seed 0."""
-    for make in (lambda **seed: roa.RoaFNN(3, 2, 4, 2, 1.0, 0.1, **seed),
-                 lambda **seed: roa.RoaRNN(3, 2, 4, 1.0, 0.1, **seed)):
+def test_the_models_defaults_are_seed_0_and_no_noise():
+    """A model made without a seed draws the weights and filters of seed 0;
+    without dropout and input noise its training pass (an rng given) is its
+    inference."""
+    for make, u in ((lambda **seed: roa.RoaFNN(3, 2, 4, 2, 1.0, 0.1, **seed), numpy.ones((5, 3), "float32")),
+                    (lambda **seed: roa.RoaRNN(3, 2, 4, 1.0, 0.1, **seed), numpy.ones((6, 5, 3), "float32"))):
         default, zero, one = make(), make(seed=0), make(seed=1)
         assert all(numpy.array_equal(default.params[k], zero.params[k]) for k in zero.params)
         assert numpy.array_equal(default.O, zero.O) and not numpy.array_equal(default.O, one.O)
+        z, _ = default.forward(u, numpy.random.default_rng(0))
+        assert numpy.array_equal(z, default.inference(u))
 
 
 # ------------------------------------------------------------ 7. CuPy
@@ -998,8 +1002,9 @@ def test_mnist_files_of_other_shapes_and_labels_are_refused_in_one_line(tmp_path
     task = tasks.PsMNIST(str(tmp_path))
     assert len(task.validation[1]) == 5000       # and the pixel order is numpy.random.default_rng(0)'s:
     assert numpy.array_equal(task.permutation, numpy.random.default_rng(0).permutation(784))
-    with pytest.raises(ag.RoaError, match=re.escape("validation size must be in 1 .. 5000, got 5001")):
-        tasks.PsMNIST(str(tmp_path), validation_size=5001)
+    for size in (0, 5001):
+        with pytest.raises(ag.RoaError, match=re.escape(f"validation size must be in 1 .. 5000, got {size}")):
+            tasks.PsMNIST(str(tmp_path), validation_size=size)
     write_fake_mnist(tmp_path, 20, 3)
     rewrite_idx(tmp_path, "t10k-images-idx3-ubyte", numpy.zeros((3, 28, 27), numpy.uint8))
     with pytest.raises(ag.RoaError, match=re.escape("t10k files hold images (3, 28, 27) and labels (3,)")):

@@ -1742,6 +1742,7 @@ def test_the_adding_studys_table_reads_validation_reports_only(tmp_path, monkeyp
                   [0.17, 0.04 if seed < 3 else 0.16, 0.005 if seed < 2 else 0.15], elapsed=60.0 * (seed + 1))
     with open(study.log_path("adding", "base", 10, 4), "a") as f:
         f.write(json.dumps({"step": 400, "val_metric": 0.001, "elapsed_s": 1.0}) + "\n")    # resumed, cut short
+    assert study.wall_time([{"elapsed_s": 10}, {"elapsed_s": 20}, {"elapsed_s": 5}, {"elapsed_s": 7}]) == 27
     study.table("adding", ["base"], [10], 300)
     row = capsys.readouterr().out.splitlines()[-1]
     assert row.endswith("| 10 | 4 | 3 / 4 | 200 | 2 / 4 | 300 | 0.0225 (0.0050-0.1500) | 0.0775 (0.0050-0.1500) "
@@ -1815,3 +1816,16 @@ def test_an_infinite_loss_is_explained_by_the_branch_its_numbers_reach(largest, 
     model.params["W"][0, 0] = largest
     u = numpy.ones((3, 2, 2))
     assert cause in machinery.non_finite_cause(model, u, float("inf"), None, ag.Adam(lr, weight_decay=decay))
+
+
+def test_a_ctrl_c_outside_training_ends_in_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    """A KeyboardInterrupt before training (while the data load, say) is the
+    shell's 128 + SIGINT, with one line, and touches no checkpoint."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(machinery, "make_model", interrupted)
+    code, err, _ = run_cli(TINY + ["--save", str(tmp_path / "run.npz")], capsys)
+    assert code == 130 == 128 + signal.SIGINT and err.count("\n") == 1
+    assert "interrupted outside training; the last checkpoint saved, if any, is as it was" in err
+    assert not (tmp_path / "run.npz").exists()

@@ -22,9 +22,9 @@ at a recall of 99 %) the seeds that reached it at length T (a curriculum's
 reports at shorter lengths do not count) and the median step they first
 did; copying's *falls* (a report whose recall is 20 points or more below
 the best report before it starts one, a new best ends it; summed over
-the seeds); the median of the
-seeds' best and last validation metric, with the range over seeds; and
-the median wall time. Validation only: a log's last line, the run's test
+the seeds); the median of the seeds' best and last validation metric,
+with the range over seeds; and the median wall time (a resumed run's
+pieces added up). Validation only: a log's last line, the run's test
 result, is never read.
 """
 
@@ -190,6 +190,14 @@ def spread(values, digits):
     return middle if len(values) == 1 else f"{middle} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
+def wall_time(reports):
+    """The seconds a run trained, from its reports' elapsed_s, which a resume
+    starts again from 0: the sum of each piece's last (the steps between a
+    piece's last checkpoint and its stop are not counted)."""
+    ends = [a["elapsed_s"] for a, b in zip(reports, reports[1:]) if b["elapsed_s"] < a["elapsed_s"]]
+    return sum(ends) + reports[-1]["elapsed_s"]
+
+
 def clock(seconds):
     minutes, s = divmod(round(seconds), 60)
     return f"{minutes // 60}:{minutes % 60:02d}:{s:02d}"
@@ -211,7 +219,7 @@ def table(task, levers, lengths, steps):
                 if not finished(path, steps):
                     continue
                 runs += 1
-                walls.append(read_log(path)[0][-1]["elapsed_s"])
+                walls.append(wall_time(read_log(path)[0]))
                 reports = [r for r in read_log(path)[0] if r.get("length", T) == T]    # (a curriculum's at T)
                 metrics = [r["val_metric"] for r in reports]
                 if not metrics:
