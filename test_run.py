@@ -18,6 +18,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import time
 import sys
 import tempfile
 import tracemalloc
@@ -1829,3 +1830,18 @@ def test_a_ctrl_c_outside_training_ends_in_one_line_and_exit_130(tmp_path, monke
     assert code == 130 == 128 + signal.SIGINT and err.count("\n") == 1
     assert "interrupted outside training; the last checkpoint saved, if any, is as it was" in err
     assert not (tmp_path / "run.npz").exists()
+
+
+def test_mutants_removes_its_copy_of_the_repository_when_stopped(tmp_path):
+    """SIGTERM to docs/mutants.py while it works: exit 143, and the copy it
+    made under the temporary folder is gone."""
+    run = subprocess.Popen([sys.executable, os.path.join(ROOT, "docs", "mutants.py"), "tasks.py", "--sample", "1"],
+                           env={**os.environ, "TMPDIR": str(tmp_path)}, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    for _ in range(600):                            # until the copy's tests have started
+        copies = list(tmp_path.glob("roa-mutants-*"))
+        if copies and (copies[0] / ".mutants-coveragerc").exists():
+            break
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=60) == 143 and copies and not list(tmp_path.glob("roa-mutants-*"))

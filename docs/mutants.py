@@ -29,6 +29,7 @@ import argparse
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -146,6 +147,7 @@ def main():
     with open(os.path.join(work, ".mutants-coveragerc"), "w") as f:
         f.write(f"[run]\ndynamic_context = test_function\ndata_file = {os.path.join(work, '.mutants-coverage')}\n")
     totals = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))    # (the copy is removed below)
     try:
         unchanged = run_tests(work, args.timeout, coverage=True)
         if unchanged != "passed":
