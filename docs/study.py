@@ -182,12 +182,12 @@ def run_one(args):
           f"{done.stderr.strip()}", flush=True)
 
 
-def spread(values, digits):
-    """'median (min-max)' of a list, '-' for none."""
+def spread(values):
+    """'median (min-max)' of a list, to 4 decimals; '-' for none."""
     if not values:
         return "-"
-    middle = f"{statistics.median(values):.{digits}f}"
-    return middle if len(values) == 1 else f"{middle} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+    middle = f"{statistics.median(values):.4f}"
+    return middle if len(values) == 1 else f"{middle} ({min(values):.4f}-{max(values):.4f})"
 
 
 def wall_time(reports):
@@ -205,7 +205,6 @@ def clock(seconds):
 
 def table(task, levers, lengths, steps):
     study = STUDIES[task]
-    digits = 4
     marks = "".join(f" {word} | median step {word} |" for word, _ in study.marks)
     falls = " falls |" if study.fall else ""
     length = " T |" if study.steps else ""              # (psMNIST has one length)
@@ -243,7 +242,7 @@ def table(task, levers, lengths, steps):
             cells += f" {fallen} |" if study.fall else ""
             never = f" ({runs - len(bests)} never reached T)" if len(bests) < runs else ""
             print(f"| {lever}: {study.levers[lever][0]} |{f' {T} |' if length else ''} {runs} |{cells} "
-                  f"{spread(bests, digits)}{never} | {spread(lasts, digits)} | {clock(statistics.median(walls))} |")
+                  f"{spread(bests)}{never} | {spread(lasts)} | {clock(statistics.median(walls))} |")
 
 
 def state_norms(lengths):
