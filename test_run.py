@@ -18,9 +18,9 @@ import shlex
 import shutil
 import signal
 import subprocess
-import time
 import sys
 import tempfile
+import time
 import tracemalloc
 import types
 import zipfile
